@@ -1,0 +1,72 @@
+"""Grouped-query attention with q/k/v biases, QK-norm, partial RoPE and packed-document masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.config import GlmConfig
+from glm_jax.model.norms_rope import RMSNorm, apply_partial_rope
+from glm_jax.model.params import Linear
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T] bool: causal, and a token only sees tokens of its own document."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same_doc
+
+
+def _einsum_attention(q, k, v, mask, scale):
+    """q [B,T,NH,D], k/v [B,S,NKV,D]. Query head h reads KV head h // (NH/NKV)."""
+    b, t, nh, d = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, t, nkv, nh // nkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, nh * d)
+
+
+def _dpa_attention(q, k, v, mask, scale):
+    """jax.nn.dot_product_attention: XLA on CPU, cuDNN flash attention where available."""
+    b, t, nh, d = q.shape
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    return out.reshape(b, t, nh * d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+        h, nh, nkv, d = (config.hidden_size, config.num_attention_heads,
+                         config.num_key_value_heads, config.head_dim)
+        kw = dict(std=config.initializer_range, dtype=config.dtype,
+                  param_dtype=config.param_dtype, rngs=rngs)
+        bias = config.attention_bias
+        self.q_proj = Linear(h, nh * d, ("embed", "q_heads"), use_bias=bias, **kw)
+        self.k_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
+        self.v_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
+        # o_proj has no bias even when attention_bias is true (pitfall 4).
+        self.o_proj = Linear(nh * d, h, ("q_heads", "embed"), use_bias=False, **kw)
+        if config.use_qk_norm:
+            norm = dict(axis_name="head_dim", param_dtype=config.param_dtype)
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, **norm)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        self.backend = config.attention_backend
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 mask: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, over all head_dim dims, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        attend = _einsum_attention if self.backend == "einsum" else _dpa_attention
+        return self.o_proj(attend(q, k, v, mask, self.head_dim ** -0.5))

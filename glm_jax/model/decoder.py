@@ -1,0 +1,62 @@
+"""One pre-norm decoder layer, and a stack of identical layers run with a scan."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.config import GlmConfig
+from glm_jax.model.attention import Attention
+from glm_jax.model.mlp import Mlp
+from glm_jax.model.moe import MoE
+from glm_jax.model.norms_rope import RMSNorm
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: GlmConfig, *, moe: bool, rngs: nnx.Rngs):
+        norm = dict(axis_name="embed", param_dtype=config.param_dtype)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.mlp = (MoE(config, rngs=rngs) if moe
+                    else Mlp(config, config.intermediate_size, rngs=rngs))
+
+    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        out = self.mlp(self.post_attn_norm(x))
+        y, aux = out if isinstance(out, tuple) else (out, {})
+        return x + y, aux
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` identical layers with weights stacked on a leading `layers` axis.
+
+    Running them with one scan keeps compile time flat in depth."""
+
+    def __init__(self, config: GlmConfig, num_layers: int, *, moe: bool, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, moe=moe, rngs=rngs)
+
+        self.layers = make(rngs)
+        self.remat_policy = config.remat_policy
+
+    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns the output and the per-layer aux dict, each entry stacked [layers, ...]."""
+
+        def body(x, layer):
+            return layer(x, cos, sin, mask)
+
+        if self.remat_policy != "none":
+            body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat_policy])
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.layers)

@@ -1,0 +1,80 @@
+"""Backends for the routed experts' SwiGLU over token rows sorted by expert.
+
+Every backend takes rows already sorted by expert (`x_rows` [M, H], `row_expert` [M] in
+ascending order, `group_sizes` [E]) and the stacked expert weights, and returns
+(`y_rows` [M, H], `dropped` number of rows not computed). Expert parallelism calls the
+same functions on the rows a device received, so nothing here knows about meshes.
+
+- `ragged_dot`: `jax.lax.ragged_dot`, the right primitive on GPU/TPU. On XLA:CPU it is
+  about 70x slower than a batched einsum (docs: cpu-baselines), so it is not the CPU path.
+- `buckets`: rows are scattered into fixed-size buckets, each owned by one expert, then one
+  batched einsum. Dropless by default: each expert's rows are padded to whole blocks and the
+  block count has a static bound, so no row is ever dropped. With a capacity factor, each
+  expert gets one bucket of static capacity and overflow rows (the later tokens) are dropped
+  and counted.
+The dense every-token-through-every-expert reference lives in moe.py (it needs no sort).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    """SwiGLU over a leading bucket axis: x [N, R, H], weights [N, H, F] / [N, F, H]."""
+    h = jax.nn.silu(jnp.einsum("nrh,nhf->nrf", x, w_gate)) * jnp.einsum("nrh,nhf->nrf", x, w_up)
+    return jnp.einsum("nrf,nfh->nrh", h, w_down)
+
+
+def ragged_dot_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None):
+    del row_expert
+    if capacity_factor is not None:
+        raise ValueError("moe_backend='ragged_dot' is dropless; capacity_factor must be None")
+    gate = jax.lax.ragged_dot(x_rows, w_gate, group_sizes)
+    up = jax.lax.ragged_dot(x_rows, w_up, group_sizes)
+    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    return y, jnp.zeros((), jnp.int32)
+
+
+def dropless_block_size(num_rows: int, num_experts: int) -> int:
+    """Rows per block. Padding costs at most one block per expert, so blocks of a quarter
+    of the balanced group size bound the extra work at about 25% (a multiple of 8 rows)."""
+    balanced = max(1, num_rows // num_experts)
+    return max(8, -(-balanced // 4 // 8) * 8)
+
+
+def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None):
+    m, _ = x_rows.shape
+    e = group_sizes.shape[0]
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    offset = jnp.arange(m, dtype=jnp.int32) - starts[row_expert]  # rank of a row in its expert
+
+    if capacity_factor is not None:
+        # One bucket per expert; its owner is static, so the weights are used as they are.
+        capacity = max(1, math.ceil(capacity_factor * m / e))
+        kept = offset < capacity
+        slot = jnp.where(kept, row_expert * capacity + offset, e * capacity)  # overflow -> trash
+        buf = jnp.zeros((e * capacity + 1, x_rows.shape[1]), x_rows.dtype).at[slot].set(x_rows)
+        y = _swiglu(buf[:-1].reshape(e, capacity, -1), w_gate, w_up, w_down)
+        y = jnp.concatenate([y.reshape(e * capacity, -1), jnp.zeros_like(buf[:1])])[slot]
+        return jnp.where(kept[:, None], y, 0), jnp.sum(~kept).astype(jnp.int32)
+
+    # Dropless: expert g owns ceil(size_g / block) consecutive blocks; in total at most
+    # floor(m / block) + e blocks, a static bound. Unused blocks hold zeros.
+    block = dropless_block_size(m, e)
+    num_blocks = m // block + e
+    blocks_per_expert = -(-group_sizes // block)
+    block_end = jnp.cumsum(blocks_per_expert)
+    slot = (block_end - blocks_per_expert)[row_expert] * block + offset
+    block_owner = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
+                              e - 1)
+    buf = jnp.zeros((num_blocks * block, x_rows.shape[1]), x_rows.dtype).at[slot].set(x_rows)
+    y = _swiglu(buf.reshape(num_blocks, block, -1), w_gate[block_owner], w_up[block_owner],
+                w_down[block_owner])
+    return y.reshape(num_blocks * block, -1)[slot], jnp.zeros((), jnp.int32)
+
+
+SORTED_BACKENDS = {"ragged_dot": ragged_dot_ffn, "buckets": bucket_ffn}

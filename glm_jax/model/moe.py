@@ -1,0 +1,92 @@
+"""The MoE block: sigmoid router with a selection-only correction bias and group-limited
+top-k, routed experts through a selectable backend, and the shared expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.config import GlmConfig
+from glm_jax.model.grouped_matmul import SORTED_BACKENDS
+from glm_jax.model.mlp import Mlp
+from glm_jax.model.params import RouterBias, normal_param
+
+
+def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: GlmConfig
+          ) -> tuple[jax.Array, jax.Array]:
+    """x [N, H] -> (weights [N, k] float32, expert ids [N, k] int32).
+
+    Runs in float32. The correction bias only decides *which* experts are chosen; the
+    mixing weights are the plain sigmoid scores (pitfall 7)."""
+    scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+    choice = scores + correction_bias.astype(jnp.float32)
+    if config.n_group > 1:
+        n, e = choice.shape
+        grouped = choice.reshape(n, config.n_group, e // config.n_group)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # sum of each group's top-2
+        _, keep = jax.lax.top_k(group_score, config.topk_group)
+        group_mask = jax.nn.one_hot(keep, config.n_group, dtype=bool).any(axis=1)
+        choice = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(n, e)
+    _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def dense_experts(x, idx, weights, w_gate, w_up, w_down):
+    """Reference only: every token through every expert, then mixed. E/k times the work."""
+    h = jax.nn.silu(jnp.einsum("nh,ehf->enf", x, w_gate)) * jnp.einsum("nh,ehf->enf", x, w_up)
+    y = jnp.einsum("enf,efh->enh", h, w_down)
+    mix = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(idx, w_gate.shape[0], dtype=weights.dtype))
+    return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), mix)
+
+
+def sorted_experts(x, idx, weights, w_gate, w_up, w_down, backend: str,
+                   capacity_factor: float | None):
+    """Sort token-expert pairs by expert, run the backend on the rows, unsort and mix."""
+    n, k = idx.shape
+    flat_expert = idx.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)  # stable: ties keep token order
+    row_expert = flat_expert[order]
+    group_sizes = jnp.bincount(flat_expert, length=w_gate.shape[0]).astype(jnp.int32)
+    y_rows, dropped = SORTED_BACKENDS[backend](
+        x[order // k], row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    y_pairs = y_rows[inverse].reshape(n, k, -1).astype(jnp.float32)
+    return jnp.einsum("nkh,nk->nh", y_pairs, weights), dropped
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+        h, e, f = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
+        std, pd = config.initializer_range, config.param_dtype
+        # The router weight stays float32 whatever param_dtype says (pitfall 9).
+        self.router_kernel = normal_param(rngs, (h, e), ("embed", None), std, "float32")
+        self.correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
+        self.w_gate = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w_up = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w_down = normal_param(rngs, (e, f, h), ("experts", "expert_mlp", "embed"), std, pd)
+        self.shared_experts = (Mlp(config, config.shared_intermediate_size, rngs=rngs)
+                               if config.n_shared_experts else None)
+        self.config = config
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, T, H] -> (y [B, T, H], {"counts": [E] token-expert pairs per expert,
+        "dropped": pairs dropped by a capacity limit})."""
+        cfg = self.config
+        b, t, h = x.shape
+        flat = x.reshape(b * t, h)
+        weights, idx = route(flat, self.router_kernel[...], self.correction_bias[...], cfg)
+        w = [p[...].astype(cfg.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
+        if cfg.moe_backend == "dense":
+            routed, dropped = dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
+        else:
+            routed, dropped = sorted_experts(flat, idx, weights, *w, cfg.moe_backend,
+                                             cfg.capacity_factor)
+        y = routed.astype(x.dtype).reshape(b, t, h)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        counts = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
+        return y, {"counts": counts, "dropped": dropped}

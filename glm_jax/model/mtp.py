@@ -1,0 +1,46 @@
+"""Multi-token prediction (MTP) layers, as GLM-4.5 stores them at layer index
+`num_hidden_layers` and as Megatron trains them.
+
+Depth k (1-based) at position i reads the embedding of token i + k and the hidden state of
+depth k - 1 at position i (depth 0 = the main model's output after its final norm) and
+predicts token i + 1 + k. Embedding and lm_head are the main model's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.config import GlmConfig
+from glm_jax.model.decoder import DecoderLayer
+from glm_jax.model.norms_rope import RMSNorm
+from glm_jax.model.params import Linear
+
+
+class MtpLayer(nnx.Module):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+        norm = dict(axis_name="embed", param_dtype=config.param_dtype)
+        h = config.hidden_size
+        self.embed_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: enorm
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: hnorm
+        self.eh_proj = Linear(2 * h, h, ("mlp", "embed"), use_bias=False,
+                              std=config.initializer_range, dtype=config.dtype,
+                              param_dtype=config.param_dtype, rngs=rngs)
+        self.block = DecoderLayer(config, moe=True, rngs=rngs)  # always MoE
+        self.final_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: shared_head.norm
+
+    def __call__(self, next_embeds, hidden, cos, sin, mask):
+        """next_embeds: embeddings of the tokens one ahead; hidden: previous depth's output.
+        Returns (this depth's hidden state, normed for the head; aux)."""
+        # The embedding comes first in the concat (all code and the weights agree).
+        u = self.eh_proj(jnp.concatenate(
+            [self.embed_norm(next_embeds), self.hidden_norm(hidden)], axis=-1))
+        v, aux = self.block(u, cos, sin, mask)
+        return self.final_norm(v), aux
+
+
+def shift_left(x: jax.Array, k: int) -> jax.Array:
+    """Roll the time axis left by k: position i sees x[i + k]. The last k positions get
+    wrapped values; the loss masks them (they have no target in the row)."""
+    return jnp.roll(x, -k, axis=1)
