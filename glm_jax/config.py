@@ -175,8 +175,9 @@ class GlmConfig:
 
     # ---------------------------------------------------------------- HF <-> us
     @classmethod
-    def from_hf(cls, source: dict | str | os.PathLike, **compute_options: Any) -> "GlmConfig":
-        """Build from a HF `config.json` dict, the file, or the folder holding it."""
+    def from_hf(cls, source: dict | str | os.PathLike, **overrides: Any) -> "GlmConfig":
+        """Build from a HF `config.json` dict, the file, or the folder holding it. `overrides`
+        set any field (compute options such as moe_backend, or an architecture field)."""
         if not isinstance(source, dict):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -226,7 +227,7 @@ class GlmConfig:
             raise ValueError(f"config rope_parameters has keys GLM-4.5 does not use: {sorted(rope)}")
 
         extra = tuple((k, json.dumps(v)) for k, v in hf.items())
-        return cls(**fields, **compute_options, hf_rope_spelling=spelling, hf_extra=extra)
+        return cls(**{**fields, **overrides}, hf_rope_spelling=spelling, hf_extra=extra)
 
     def to_hf(self) -> dict:
         """The `config.json` dict: every glm4_moe field, plus what `from_hf` carried along."""

@@ -108,7 +108,7 @@ def leaf_map(config: GlmConfig) -> list[LeafMap]:
                                scalar(f"model.layers.{layer}.{suffix}"), transpose))
         for leaf in _stack(("mtp_layers", depth, "block"), range(layer, layer + 1), config, True):
             # A single layer: drop the stacking axis of length 1.
-            out.append(dataclasses.replace(leaf, names=leaf.names[0]))
+            out.append(dataclasses.replace(leaf, names=leaf.names[0, ...]))
     return out
 
 
