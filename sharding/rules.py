@@ -1,17 +1,27 @@
 """THE table: logical axis name -> mesh axes. Changing a parallelism layout means editing
-this table, never a module."""
+this table, never a module.
+
+Parameters carry logical names in their `out_sharding` metadata (glm_jax/model/params.py);
+activations are named where a module calls `constrain`. Optimizer state is sharded like its
+parameter: `opt_state_shardings` maps every parameter-shaped leaf of an optax state to the
+sharding of the parameter it mirrors (optax.tree_map_params), scalars are replicated; the
+train step is then jitted with those as `out_shardings`, so Adam's mu/nu (or Muon's
+momentum) live exactly where their weight lives.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 # Mesh axes: data (pure data parallel), fsdp (data parallel with sharded weights),
 # expert (expert parallel; also shards the batch outside the MoE), tensor (tensor parallel).
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
-    "seq": (),
+    # ---- parameters
     "layers": (),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -21,22 +31,70 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "experts": ("expert",),
     "expert_mlp": ("tensor",),
+    # ---- activations
+    "batch": ("data", "fsdp", "expert"),
+    "tokens": ("data", "fsdp", "expert"),  # flattened batch*seq rows
+    "seq": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
 }
 
 
-def partition_spec(axes: tuple[str | None, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
+def mesh_axes_for(name: str | None, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that logical axis `name` is sharded over."""
+    if name is None:
+        return ()
+    if name not in RULES:
+        raise KeyError(f"logical axis {name!r} has no entry in sharding.rules.RULES")
+    return tuple(a for a in RULES[name] if mesh_shape.get(a, 1) > 1)
+
+
+def partition_spec(axes: tuple[str | None, ...], mesh: jax.sharding.Mesh,
+                   shape: tuple[int, ...] | None = None) -> PartitionSpec:
     """PartitionSpec for logical `axes` on `mesh`: mesh axes absent from the mesh (or of
-    size 1) are left out, and a mesh axis is used at most once per array."""
+    size 1) are left out, a mesh axis is used at most once per array, and with `shape` a
+    mesh axis that does not divide its dimension is dropped (that dimension stays whole)."""
+    mesh_shape = dict(mesh.shape)
     used: set[str] = set()
     spec = []
-    for name in axes:
-        if name is not None and name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no entry in sharding.rules.RULES")
-        mesh_axes = tuple(a for a in RULES.get(name, ()) if mesh.shape.get(a, 1) > 1
-                          and a not in used) if name else ()
-        used.update(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    for i, name in enumerate(axes):
+        chosen: list[str] = []
+        for a in mesh_axes_for(name, mesh_shape):
+            if a in used:
+                continue
+            size = mesh_shape[a] * _prod(mesh_shape[c] for c in chosen)
+            if shape is not None and shape[i] % size:
+                continue
+            chosen.append(a)
+        used.update(chosen)
+        spec.append(chosen[0] if len(chosen) == 1 else (tuple(chosen) or None))
     return PartitionSpec(*spec)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _var_shape(var: nnx.Variable) -> tuple[int, ...]:
+    return tuple(var.get_value().shape)
+
+
+def variable_sharding(var: nnx.Variable, mesh: jax.sharding.Mesh) -> NamedSharding:
+    shape = _var_shape(var)
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(shape)
+    return NamedSharding(mesh, partition_spec(tuple(axes), mesh, shape))
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """The NamedSharding of every variable of an (abstract or concrete) nnx state, as a
+    tree of the same structure (Variables holding shardings), usable as in/out_shardings."""
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -44,8 +102,27 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     graphdef, state = nnx.split(model)
 
     def place(var):
-        axes = var.get_metadata().get("out_sharding") or (None,) * var[...].ndim
-        return var.replace(jax.device_put(var[...], NamedSharding(mesh, partition_spec(axes, mesh))))
+        return var.replace(jax.device_put(var.get_value(), variable_sharding(var, mesh)))
 
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any,
+                        param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for `tx.init(params)`: every leaf that mirrors a parameter (Adam's mu and
+    nu, momentum, ...) gets that parameter's sharding, everything else (step counts) is
+    replicated. `params` may be abstract (jax.ShapeDtypeStruct leaves)."""
+    abstract_state = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Annotate activation `x` with logical `axes` under the active mesh (`jax.set_mesh`);
+    a no-op without one, so single-device code is unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, mesh, x.shape))

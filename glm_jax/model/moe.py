@@ -11,6 +11,7 @@ from glm_jax.config import GlmConfig
 from glm_jax.model.grouped_matmul import SORTED_BACKENDS
 from glm_jax.model.mlp import Mlp
 from glm_jax.model.params import RouterBias, normal_param
+from sharding.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 
 def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: GlmConfig
@@ -82,6 +83,10 @@ class MoE(nnx.Module):
         w = [p[...].astype(cfg.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
         if cfg.moe_backend == "dense":
             routed, dropped = dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
+        elif expert_axis_size() > 1:  # an active mesh (jax.set_mesh) with expert > 1
+            routed, dropped = expert_parallel_ffn(
+                flat, idx, weights, *w, local_ffn=SORTED_BACKENDS[cfg.moe_backend],
+                capacity_factor=cfg.capacity_factor)
         else:
             routed, dropped = sorted_experts(flat, idx, weights, *w, cfg.moe_backend,
                                              cfg.capacity_factor)

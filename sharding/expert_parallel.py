@@ -1,0 +1,192 @@
+"""Expert parallelism: token rows go to the devices that own their experts and come back.
+
+Model-agnostic: the caller hands over routed tokens (`x` [N, H], expert ids `idx` [N, k],
+mixing weights [N, k]), the stacked expert weights, and the *local expert function*
+`local_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor)
+-> (y_rows, dropped)` that runs experts over rows sorted by expert (glm_jax's grouped-matmul
+backends). Inside one `jax.shard_map` each device
+
+  1. sorts its own token-expert pairs by expert; the pairs for the device owning experts
+     [j*El, (j+1)*El) are then one contiguous run,
+  2. packs run j into slot j of a static buffer [EP, C, H] and exchanges the buffers with
+     one `all_to_all` over the `expert` axis (the transport XLA:CPU runs; see below),
+  3. sorts what it received by local expert and runs `local_ffn` on it (over `tensor` the
+     expert width is sharded and the partial outputs are summed with `psum`),
+  4. sends the results back with the inverse `all_to_all`, unsorts and mixes with the
+     routing weights in float32.
+
+Dropless capacity: a token's k experts are distinct, so at most min(k, El) of its pairs go
+to one device, and n local tokens send at most C = n * min(k, El) rows to any device. With
+that C nothing can be dropped (this is MaxText's worst case min(EP, E/k) x the balanced
+n*k/EP). The price is static buffers EP/min(EP, E/k)... times the balanced size at worst:
+the receiving device holds EP * C rows, most of them padding when routing is balanced.
+With `capacity_factor` the per-destination buffer is C = ceil(cf * n * k / EP) (capped at the
+dropless C) and overflow rows (later tokens of the sorted run) are dropped and counted.
+
+`transport="ragged"` uses `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU has no thunk for it)
+which moves only the real rows; the receive buffer keeps the same static worst-case size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from sharding.rules import mesh_axes_for
+
+LocalFfn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def expert_axis_size(mesh=None) -> int:
+    """Size of the `expert` axis of `mesh` (default: the active mesh), 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    return dict(mesh.shape).get("expert", 1)
+
+
+def exchange_capacity(n_local: int, k: int, num_experts: int, ep: int,
+                      capacity_factor: float | None) -> int:
+    """Rows each device reserves per destination device in the exchange buffer."""
+    dropless = n_local * min(k, num_experts // ep)
+    if capacity_factor is None:
+        return max(1, dropless)
+    return max(1, min(dropless, math.ceil(capacity_factor * n_local * k / ep)))
+
+
+def expert_parallel_ffn(x: jax.Array, idx: jax.Array, weights: jax.Array, w_gate: jax.Array,
+                        w_up: jax.Array, w_down: jax.Array, *, local_ffn: LocalFfn,
+                        capacity_factor: float | None = None, mesh=None,
+                        transport: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Routed experts with expert parallelism over the mesh axis `expert`.
+
+    x [N, H] (any dtype), idx [N, k] int32, weights [N, k] float32, w_gate/w_up [E, H, F],
+    w_down [E, F, H]. Returns (y [N, H] float32 = sum_k weights * expert_k(x), dropped: int32
+    token-expert pairs dropped over all devices; always 0 when `capacity_factor` is None).
+    Tokens are split over the mesh axes of the logical axis `tokens` (padded to a multiple),
+    experts over `expert`, the expert width over `expert_mlp`'s axes (tensor parallelism).
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    shape = dict(mesh.shape)
+    ep = shape.get("expert", 1)
+    e, h, f = w_gate.shape
+    if e % ep:
+        raise ValueError(f"mesh axis expert={ep} does not divide the {e} experts")
+    token_axes = mesh_axes_for("tokens", shape)
+    if "expert" not in token_axes:
+        raise ValueError("the logical axis 'tokens' must be sharded over 'expert' "
+                         "(sharding.rules.RULES) for expert parallelism")
+    tp_axes = tuple(a for a in mesh_axes_for("expert_mlp", shape) if f % shape[a] == 0)[:1]
+    if transport == "auto":
+        transport = "a2a" if jax.default_backend() == "cpu" else "ragged"
+    if transport not in ("a2a", "ragged"):
+        raise ValueError(f"transport={transport!r}: expected 'auto', 'a2a' or 'ragged'")
+
+    n, k = idx.shape
+    shards = math.prod(shape[a] for a in token_axes)
+    pad = -n % shards
+    if pad:  # padded tokens get weight 0 and are dropped from the output
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        idx = jnp.pad(idx, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    n_local = (n + pad) // shards
+    cap = exchange_capacity(n_local, k, e, ep, capacity_factor)
+
+    body = _make_body(local_ffn, ep=ep, cap=cap, tp_axes=tp_axes, token_axes=token_axes,
+                      transport=transport)
+    tok = P(token_axes, None)
+    w_in = P("expert", None, tp_axes or None)
+    w_out = P("expert", tp_axes or None, None)
+    y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                               out_specs=(tok, P()))(x, idx, weights, w_gate, w_up, w_down)
+    return y[:n], dropped
+
+
+def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ...],
+               token_axes: tuple[str, ...], transport: str):
+    def body(x, idx, weights, w_gate, w_up, w_down):
+        n, k = idx.shape
+        h = x.shape[1]
+        e_local = w_gate.shape[0]
+        # 1. sort local token-expert pairs by (global) expert
+        flat_expert = idx.reshape(-1)
+        order = jnp.argsort(flat_expert, stable=True)
+        row_expert = flat_expert[order]
+        rows = x[order // k]
+        dest = row_expert // e_local
+        send_sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
+        send_starts = jnp.cumsum(send_sizes) - send_sizes
+        rank = jnp.arange(n * k, dtype=jnp.int32) - send_starts[dest]  # position in its run
+        kept = rank < cap
+        # 2. exchange: slot j of the buffer goes to device j
+        if transport == "a2a":
+            slot = jnp.where(kept, dest * cap + rank, ep * cap)  # overflow -> trash row
+            buf = jnp.zeros((ep * cap + 1, h), x.dtype).at[slot].set(rows)[:-1]
+            tag = jnp.full((ep * cap + 1,), e_local, jnp.int32).at[slot].set(
+                row_expert % e_local)[:-1]  # e_local marks an empty slot
+            recv = _a2a(buf.reshape(ep, cap, h)).reshape(ep * cap, h)
+            recv_expert = _a2a(tag.reshape(ep, cap)).reshape(ep * cap)
+        else:
+            sizes = jnp.minimum(send_sizes, cap)
+            recv, recv_expert, ragged = _ragged_exchange(
+                rows, row_expert % e_local, send_starts, sizes, ep=ep, cap=cap, e_local=e_local)
+        # 3. local experts over the received rows sorted by local expert; empties last
+        local_order = jnp.argsort(recv_expert, stable=True)
+        group_sizes = jnp.bincount(recv_expert, length=e_local).astype(jnp.int32)
+        y_sorted, _ = local_ffn(recv[local_order],
+                                jnp.minimum(recv_expert[local_order], e_local - 1),
+                                group_sizes, w_gate, w_up, w_down, None)
+        if tp_axes:  # each tensor shard computed a slice of the expert width
+            y_sorted = jax.lax.psum(y_sorted, tp_axes)
+        y_recv = jnp.zeros_like(y_sorted).at[local_order].set(y_sorted)
+        # 4. send results back, unsort, mix
+        if transport == "a2a":
+            back = _a2a(y_recv.reshape(ep, cap, h)).reshape(ep * cap, h)
+            y_rows = jnp.concatenate([back, jnp.zeros((1, h), back.dtype)])[slot]
+        else:
+            y_rows = _ragged_return(y_recv, ragged, n * k)
+            y_rows = jnp.where(kept[:, None], y_rows, 0)
+        y_pairs = jnp.zeros_like(y_rows).at[order].set(y_rows).reshape(n, k, h)
+        y = jnp.einsum("nkh,nk->nh", y_pairs.astype(jnp.float32), weights.astype(jnp.float32))
+        dropped = jax.lax.psum(jnp.sum(~kept).astype(jnp.int32), token_axes)
+        return y, dropped
+
+    return body
+
+
+def _a2a(buf: jax.Array) -> jax.Array:
+    """[EP, C, ...]: slot j goes to device j; slot i of the result came from device i."""
+    return jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)
+
+
+def _ragged_exchange(rows, row_local_expert, send_starts, sizes, *, ep, cap, e_local):
+    """Dispatch with `ragged_all_to_all`: run j (rows[send_starts[j]:+sizes[j]]) lands in
+    block `me` of device j's receive buffer [EP * cap]; only real rows move."""
+    me = jax.lax.axis_index("expert")
+    # recv_sizes[i] = rows device i sends me: a [EP] all_to_all of the size vectors.
+    recv_sizes = _a2a(sizes.reshape(ep, 1)).reshape(ep)
+    out_offsets = jnp.full((ep,), me * cap, jnp.int32)  # my block in every receiver
+    recv = jax.lax.ragged_all_to_all(
+        rows, jnp.zeros((ep * cap, rows.shape[1]), rows.dtype), send_starts, sizes,
+        out_offsets, recv_sizes, axis_name="expert")
+    tags = jax.lax.ragged_all_to_all(
+        row_local_expert, jnp.full((ep * cap,), e_local, jnp.int32), send_starts, sizes,
+        out_offsets, recv_sizes, axis_name="expert")
+    return recv, tags, (send_starts, sizes, recv_sizes, me)
+
+
+def _ragged_return(y_recv, ragged, num_rows):
+    """Combine: block i of my buffer goes back to device i at the offsets it sent from."""
+    send_starts, sizes, recv_sizes, me = ragged
+    ep = recv_sizes.shape[0]
+    cap = y_recv.shape[0] // ep
+    in_offsets = jnp.arange(ep, dtype=jnp.int32) * cap
+    # where device i's run for me started in its send order = its send_starts[me]
+    back_offsets = _a2a(send_starts.reshape(ep, 1)).reshape(ep)
+    return jax.lax.ragged_all_to_all(
+        y_recv, jnp.zeros((num_rows, y_recv.shape[1]), y_recv.dtype), in_offsets, recv_sizes,
+        back_offsets, sizes, axis_name="expert")
