@@ -1,0 +1,253 @@
+"""The pretraining loop: `python train.py [--config configs/tiny.py] [--workdir DIR]`.
+
+Order of work: validate the whole config and the data (clear errors, nothing compiled
+yet) -> mesh, model, optimizer -> resume from the latest checkpoint in the workdir, or
+start from `init_from` weights, or from scratch -> steps (metrics, async checkpoints,
+SIGTERM/SIGINT -> save and stop) -> final checkpoint and plots.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from glm_jax.config import GlmConfig
+from glm_jax.model.params import RouterBias
+from glm_jax.model.transformer import GlmForCausalLM
+from glm_jax.train import checkpoint, data, metrics, optimizer
+from glm_jax.train.step import init_state, train_step_fn
+from sharding.mesh import make_mesh, parse_mesh, resolve_axes
+from sharding.rules import partition_spec, shard_model
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise ValueError(f"config.{field}={value!r}: {why}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
+    """Every check that can fail on the config alone. Returns the model config."""
+    for section in ("model", "train", "optimizer", "data", "checkpoint"):
+        if section not in cfg:
+            raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
+    try:
+        model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from None
+    t = cfg.train
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+        if not isinstance(t[name], int) or t[name] < 1:
+            _fail(f"train.{name}", t[name], "must be a positive integer")
+    if t.seq_len < 2 + model_cfg.num_mtp_layers:
+        _fail("train.seq_len", t.seq_len, "leaves no valid target for the MTP depths")
+    if t.mtp_loss_weight < 0 or t.z_loss_weight < 0 or t.bias_update_rate < 0:
+        _fail("train", "mtp_loss_weight / z_loss_weight / bias_update_rate", "must be >= 0")
+    if t.seq_aux_loss_weight != 0:
+        _fail("train.seq_aux_loss_weight", t.seq_aux_loss_weight,
+              "the sequence-wise aux loss needs per-token router probabilities, which "
+              "GlmForCausalLM does not return (only expert counts); only 0 is supported")
+    parse_mesh(t.mesh)
+    optimizer.validate(cfg.optimizer, t.steps)
+    c = cfg.checkpoint
+    if c.every < 0 or c.keep < 1:
+        _fail("checkpoint", f"every={c.every}, keep={c.keep}", "need every >= 0, keep >= 1")
+    if cfg.data.num_workers < 0:
+        _fail("data.num_workers", cfg.data.num_workers, "must be >= 0")
+    if cfg.data.path and not os.path.isdir(cfg.data.path):
+        _fail("data.path", cfg.data.path, "no such folder (leave empty for the embedded "
+              "stdlib default)")
+    if cfg.init_from and not os.path.isdir(cfg.init_from):
+        _fail("init_from", cfg.init_from, "no such checkpoint folder")
+    return model_cfg
+
+
+def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None,
+                                 process_id: int | None) -> None:
+    """Multi-process runs: from flags, or from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, or auto-detected on TPU pods / SLURM / Open MPI (GLM_JAX_DISTRIBUTED=1)."""
+    if coordinator or (num_processes or 0) > 1:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("GLM_JAX_DISTRIBUTED"):
+        jax.distributed.initialize()
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self) -> bool:
+        """All processes stop at the same step: one stop request stops every process."""
+        mine = self.signal is not None
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+        ) -> dict[str, Any]:
+    """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint).
+    Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
+    "state": the final train state}."""
+    model_cfg = validate(cfg)
+    t = cfg.train
+    corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
+    if corpus.vocab_size > model_cfg.vocab_size:
+        _fail("model.vocab_size", model_cfg.vocab_size,
+              f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
+    mesh_axes = resolve_axes(parse_mesh(t.mesh), jax.device_count())
+    batch_shards = mesh_axes["data"] * mesh_axes["fsdp"] * mesh_axes["expert"]
+    if t.batch_size % batch_shards or t.batch_size % jax.process_count():
+        _fail("train.batch_size", t.batch_size, f"must divide over the {batch_shards} batch "
+              f"shards of the mesh {mesh_axes} and the {jax.process_count()} processes")
+    mesh = make_mesh(mesh_axes)
+    lead = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    model = shard_model(GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed)), mesh)
+    graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError(f"model has state that is neither Param nor RouterBias: {rest}")
+    del model
+    tx, schedule = optimizer.make_optimizer(cfg.optimizer, t.steps, params)
+    state = init_state(params, biases, tx)
+
+    dataset = data.make_dataset(
+        corpus, seq_len=t.seq_len, global_batch=t.batch_size, seed=cfg.data.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=cfg.data.num_workers, worker_buffer_size=cfg.data.worker_buffer_size)
+    data_iter = iter(dataset)
+
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+                                      every=cfg.checkpoint.every or t.steps,
+                                      keep=cfg.checkpoint.keep,
+                                      async_save=cfg.checkpoint.async_save)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = checkpoint.restore(manager, latest, state, data_iter)
+        start, source = int(state["step"]), f"resumed from step {latest}"
+    elif cfg.init_from:
+        state = checkpoint.load_params(cfg.init_from, state)
+        start, source = 0, f"initialized from {cfg.init_from}"
+    else:
+        start, source = 0, "from scratch"
+
+    batch_sharding = NamedSharding(mesh, partition_spec(("batch", "seq"), mesh))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(
+        train_step_fn(graphdef, tx, mtp_loss_weight=t.mtp_loss_weight,
+                      z_loss_weight=t.z_loss_weight, bias_update_rate=t.bias_update_rate),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
+    peak = (t.peak_flops * jax.device_count() if t.peak_flops
+            else metrics.measure_matmul_peak() * jax.process_count())
+    pairs_per_step = tokens_per_step * model_cfg.num_experts_per_tok * (
+        model_cfg.num_moe_layers + model_cfg.num_mtp_layers)
+    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    config_json = cfg.to_dict()
+    if lead:
+        print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
+              f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params; "
+              f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
+              f"workdir {workdir}", flush=True)
+
+    def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in local.items()}
+
+    losses: dict[int, float] = {}
+    last_counts = None
+    stopped_by = None
+    bar = tqdm(total=t.steps, initial=start, disable=not (lead and progress),
+               desc="train", unit="step", dynamic_ncols=True)
+    clock, clock_step = time.perf_counter(), start
+    step = start
+    with _StopFlag() as stop:
+        while step < t.steps:
+            state, m = step_fn(state, global_batch(next(data_iter)))
+            step += 1
+            if step % t.log_every == 0 or step == t.steps or step == start + 1:
+                m = jax.device_get(m)
+                now = time.perf_counter()
+                # The first step of a run includes compilation: not a throughput sample.
+                tps = (tokens_per_step * (step - clock_step) / (now - clock)
+                       if step > start + 1 else float("nan"))
+                clock, clock_step = now, step
+                losses[step] = float(m["loss"])
+                last_counts = np.asarray(m["expert_counts"])
+                record = {
+                    "loss": float(m["loss"]), "ce": float(m["ce"]),
+                    "mtp_loss": float(m["mtp_loss"]), "z_loss": float(m["z_loss"]),
+                    "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
+                    "tokens_per_sec": tps, "mfu": tps * flops_tok / peak,
+                    "load_imbalance": m["load_imbalance"],
+                    "max_load_imbalance": float(np.max(m["load_imbalance"], initial=1.0)),
+                    "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
+                    "finite": bool(m["finite"]), "skipped_steps": int(state["skipped"]),
+                }
+                writer.write(step, {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                                    for k, v in record.items()})
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}",
+                                mfu=f"{record['mfu']:.1%}")
+            bar.update(1)
+            checkpoint.save(manager, step, state, data_iter, config_json)
+            if stop.agreed():
+                stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
+                break
+        bar.close()
+        # Always leave the last step on disk (a no-op if the interval already saved it).
+        if manager.latest_step() != step:
+            checkpoint.save(manager, step, state, data_iter, config_json, force=True)
+        manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if lead:
+        if stopped_by:
+            print(f"stopped by {stopped_by} after step {step}; checkpoint saved in "
+                  f"{workdir}/checkpoints, run again to resume", flush=True)
+        else:
+            for path in metrics.plot_run(workdir, last_counts):
+                print(f"wrote {path}", flush=True)
+    return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """absl entry point (train.py defines the flags)."""
+    from absl import flags, logging
+
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id)
+    cfg = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+    run(cfg, workdir)

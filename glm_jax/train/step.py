@@ -1,0 +1,75 @@
+"""The pure, jitted training step.
+
+state = {"params": nnx.State of every nnx.Param, "biases": nnx.State of the RouterBias
+variables, "opt_state": optax state, "step": int32, "skipped": int32}.
+
+Gradients are taken w.r.t. the Params only; the router biases enter the forward pass as
+constants and change only through the balancing rule after the optimizer step. A step
+whose loss or gradient norm is not finite changes nothing but the step and skipped
+counters: params, optimizer state and biases are carried over untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from glm_jax.train.balance import load_imbalance, update_biases
+from glm_jax.train.loss import lm_loss
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def init_state(params: nnx.State, biases: nnx.State, tx: optax.GradientTransformation
+               ) -> TrainState:
+    return {"params": params, "biases": biases, "opt_state": jax.jit(tx.init)(params),
+            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+
+
+def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
+                  mtp_loss_weight: float, z_loss_weight: float, bias_update_rate: float
+                  ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The un-jitted step (the loop jits it with shardings and donation)."""
+
+    def loss_fn(model, batch):
+        out = model(batch["tokens"], positions=batch["positions"],
+                    segment_ids=batch["segment_ids"])
+        loss, metrics = lm_loss(out.logits, out.mtp_logits, batch,
+                                mtp_loss_weight=mtp_loss_weight, z_loss_weight=z_loss_weight)
+        return loss, (metrics, out.expert_counts, out.mtp_expert_counts, out.dropped)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        # nnx.value_and_grad differentiates the Params only; the RouterBias rides along as
+        # a constant (merging it from outside the grad trace would mix trace levels).
+        model = nnx.merge(graphdef, state["params"], state["biases"])
+        (loss, (metrics, counts, mtp_counts, dropped)), grads = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        biases = update_biases(state["biases"], counts, mtp_counts, bias_update_rate)
+
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_state = {
+            "params": keep_if_ok(params, state["params"]),
+            "biases": keep_if_ok(biases, state["biases"]),
+            "opt_state": keep_if_ok(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        }
+        all_counts = jnp.concatenate([counts, mtp_counts], axis=0)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=ok,
+                       dropped=dropped, expert_counts=all_counts,
+                       load_imbalance=load_imbalance(all_counts))
+        return new_state, metrics
+
+    return step
