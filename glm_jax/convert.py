@@ -1,0 +1,361 @@
+"""Streaming conversion between hub safetensors folders and glm-jax orbax checkpoints.
+
+Checkpoint layout (an orbax composite checkpoint, readable with plain orbax):
+    CKPT/params   PyTree item: `nnx.to_pure_dict(nnx.state(model))`, i.e. every Param and
+                  the RouterBias `correction_bias`; each leaf keeps the hub dtype (or --dtype)
+    CKPT/config   JSON item: `GlmConfig.to_hf()`, the hub config.json (round-trips exactly)
+
+Both directions walk the one mapping table, `hf_names.leaf_map`, in *units*: one hub tensor,
+one layer of a layer stack, or a block of experts of one layer (at most UNIT_BYTES). A unit
+is read, stacked or split, written and dropped, so peak memory is a few units whatever the
+depth. Everything that can be checked from headers and metadata (names, shapes, dtypes,
+truncation, the MTP copies) is checked before any output is written, and output goes to a
+temporary directory that is renamed into place only when complete.
+
+MTP: the MTP layer is stored by the hub at index num_hidden_layers. GLM-4.5 / Air also store
+copies of the embedding and head in it (`embed_tokens.weight`, `shared_head.head.weight`):
+to-jax checks them equal to the main tensors and keeps one copy; to-hf writes them back by
+default (vLLM's and SGLang's GLM-4.5 MTP loaders read them; transformers ignores the whole
+MTP layer), `mtp_copies=False` leaves them out (the GLM-4.6 layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from glm_jax import orbax_stream
+from glm_jax.config import GlmConfig
+from glm_jax.hf_io import abstract_model, check_mtp_copies, get_path, hf_shape, leaf_from_hf, leaf_to_hf, set_path
+from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
+from glm_jax.model.transformer import GlmForCausalLM
+from glm_jax.safetensors_io import (CONFIG_FILE, FLOAT_DTYPES, INDEX_FILE, ConversionError, HubFolder,
+                                    ShardWriter, parse_size, plan_shards, shard_names)
+
+UNIT_BYTES = 64 * 2**20  # target size of an expert block
+_FLOAT32_LEAVES = ("router_kernel", "correction_bias")  # kept float32 under --dtype, as hf_io
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A block of one leaf: `leaf.names` restricted to the block, starting at `start` along
+    the leaf's stacking axes."""
+    leaf: LeafMap
+    start: tuple[int, ...]
+    block: tuple[int, ...]  # block extent along the stacking axes
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        return tuple(slice(s, s + n) for s, n in zip(self.start, self.block))
+
+    @property
+    def names(self) -> np.ndarray:
+        return self.leaf.names[self.region] if self.block else self.leaf.names
+
+    def layer(self, num_layers: int) -> float:
+        """Hub order: embedding, layers, final norm and head, then the MTP layer(s)."""
+        name = self.names.reshape(-1)[0]
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return int(m.group(1)) if m else (-1 if "embed" in name else num_layers - 0.5)
+
+
+def units(leaf: LeafMap, shape: tuple[int, ...], itemsize: int) -> list[Unit]:
+    """Split a leaf into units: one step along every stacking axis but an experts axis,
+    which is taken in blocks of experts of at most UNIT_BYTES (dividing the expert count)."""
+    stack = leaf.names.shape
+    if not stack:
+        return [Unit(leaf, (), ())]
+    block = [1] * len(stack)
+    if ".experts." in leaf.names.reshape(-1)[0]:
+        per = int(np.prod(shape[len(stack):])) * itemsize
+        n = stack[-1]
+        block[-1] = max([d for d in range(1, n + 1) if n % d == 0 and d * per <= UNIT_BYTES],
+                        default=1)
+    starts = np.ndindex(*(s // b for s, b in zip(stack, block)))
+    return [Unit(leaf, tuple(i * b for i, b in zip(idx, block)), tuple(block)) for idx in starts]
+
+
+def _expected_shapes(config: GlmConfig) -> dict:
+    return nnx.to_pure_dict(nnx.state(abstract_model(config)))
+
+
+def _problems(problems: list[str], what: str) -> None:
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ConversionError(f"{what}:\n  " + "\n  ".join(problems[:20]) + more)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafPlan:
+    leaf: LeafMap
+    shape: tuple[int, ...]
+    src_dtype: np.dtype
+    dtype: np.dtype
+
+
+def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_LeafPlan]:
+    """Check every hub tensor against the config (names, shapes, dtypes) from headers only."""
+    shapes = _expected_shapes(config)
+    problems, plans, used = [], [], set()
+    where = lambda n: f"{n!r} in {hub.tensors[n].file.name}"  # noqa: E731
+    for leaf in leaf_map(config):
+        shape = tuple(get_path(shapes, leaf.path).shape)
+        want, first = hf_shape(leaf, shape), None
+        param = ".".join(map(str, leaf.path))
+        for name in leaf.names.reshape(-1):
+            info = hub.tensors.get(name)
+            used.add(name)
+            if info is None:
+                problems.append(f"missing tensor {name!r} (parameter {param})")
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"tensor {where(name)} has dtype {info.dtype}; expected one of "
+                                f"{sorted(FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+            elif info.shape != want:
+                problems.append(f"tensor {where(name)} has shape {list(info.shape)}; config.json "
+                                f"implies {list(want)}")
+            elif first is None:
+                first = name
+            elif info.dtype != hub.tensors[first].dtype:
+                problems.append(f"tensor {where(name)} has dtype {info.dtype} but {first!r} has "
+                                f"{hub.tensors[first].dtype}; parameter {param} needs one dtype")
+        if first is not None:
+            src = FLOAT_DTYPES[hub.tensors[first].dtype]
+            out = src if dtype is None else np.dtype(
+                "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
+            plans.append(_LeafPlan(leaf, shape, src, out))
+    for copy, main in mtp_copy_names(config).items():
+        if copy in hub.tensors and main in hub.tensors:
+            used.add(copy)
+            a, b = hub.tensors[copy], hub.tensors[main]
+            if (a.shape, a.dtype) != (b.shape, b.dtype):
+                problems.append(f"tensor {where(copy)} is {a.dtype}{list(a.shape)} but the main "
+                                f"{main!r} is {b.dtype}{list(b.shape)}; they must be equal")
+    for name in sorted(set(hub.tensors) - used):
+        problems.append(f"unexpected tensor {where(name)}: not part of a glm4_moe model with "
+                        f"config.json's num_hidden_layers={config.num_hidden_layers}, "
+                        f"num_nextn_predict_layers={config.num_nextn_predict_layers}, "
+                        f"n_routed_experts={config.n_routed_experts}, "
+                        f"first_k_dense_replace={config.first_k_dense_replace}")
+    _problems(problems, f"{hub.path}: the tensors do not match {hub.path / CONFIG_FILE}")
+    return plans
+
+
+def _temp_dir_for(out: Path) -> Path:
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; remove it or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not enabled, smoothing=0.1)
+
+
+def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
+                   dtype: str | None = None, progress: bool = True) -> dict:
+    """Convert a hub folder to an orbax checkpoint at `out` (must not exist). `dtype` None
+    keeps every tensor's dtype; otherwise floating weights are cast to it (the router weight
+    and correction bias to float32). Returns {'bytes', 'seconds'} of the conversion."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; remove it or choose another path")
+    hub = HubFolder(hf_dir)
+    config = GlmConfig.from_hf(hub.config_json)
+    plans = plan_to_jax(hub, config, dtype)
+    try:
+        check_mtp_copies(hub, config)  # reads the two copies (memory-mapped) and compares
+    except ValueError as e:
+        raise ConversionError(f"{hub.path}: {e}") from e
+    total = sum(hub.tensors[n].nbytes for p in plans for n in p.leaf.names.reshape(-1))
+    tree = _expected_shapes(config)
+    bar = _progress(total, "to-jax", progress)
+
+    def leaf_blocks(plan: _LeafPlan) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        rest = len(plan.leaf.names.shape)
+        for unit in units(plan.leaf, plan.shape, plan.src_dtype.itemsize):
+            sub = dataclasses.replace(unit.leaf, names=unit.names)
+            value = leaf_from_hf(sub, hub, unit.block + plan.shape[rest:])
+            yield unit.start + (0,) * (len(plan.shape) - rest), value.astype(plan.dtype, copy=False)
+
+    for plan in plans:
+        block = units(plan.leaf, plan.shape, plan.src_dtype.itemsize)[0].block
+        set_path(tree, plan.leaf.path, orbax_stream.StreamedArray(
+            plan.shape, plan.dtype, block + plan.shape[len(block):],
+            (lambda p=plan: leaf_blocks(p)),
+            on_block=lambda n, p=plan: bar.update(n * p.src_dtype.itemsize // p.dtype.itemsize)))
+    tmp = _temp_dir_for(out)
+    start = time.perf_counter()
+    try:
+        orbax_stream.save(tmp / "ckpt", tree, config.to_hf())
+        os.rename(tmp / "ckpt", out)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"bytes": total, "seconds": time.perf_counter() - start}
+
+
+def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
+    """The dtype of every leaf of a checkpoint, after checking its leaves and shapes against
+    the config."""
+    meta = orbax_stream.params_metadata(ckpt)
+    shapes = _expected_shapes(config)
+    problems, dtypes = [], {}
+    for leaf in leaf_map(config):
+        want = tuple(get_path(shapes, leaf.path).shape)
+        param = ".".join(map(str, leaf.path))
+        try:
+            m = get_path(meta, tuple(str(k) for k in leaf.path))
+        except (KeyError, TypeError):
+            problems.append(f"parameter {param} is missing from {ckpt}/params")
+            continue
+        if tuple(m.shape) != want:
+            problems.append(f"parameter {param} has shape {list(m.shape)}; the checkpoint's "
+                            f"config implies {list(want)}")
+        elif np.dtype(m.dtype) not in FLOAT_DTYPES.values():
+            problems.append(f"parameter {param} has dtype {m.dtype}")
+        dtypes[leaf.path] = np.dtype(m.dtype)
+    _problems(problems, f"{ckpt}: the parameters do not match its config")
+    return dtypes
+
+
+def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
+                  max_shard_size: str | int = "5GB", mtp_copies: bool = True,
+                  progress: bool = True) -> dict:
+    """Write a hub folder at `out` (must not exist) from an orbax checkpoint: config.json,
+    model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
+    model.safetensors.index.json. Returns {'bytes', 'seconds', 'shards'}."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; remove it or choose another path")
+    limit = parse_size(max_shard_size)
+    config = GlmConfig.from_hf(orbax_stream.read_config(ckpt))
+    dtypes = _checkpoint_leaves(ckpt, config)
+    shapes = _expected_shapes(config)
+    all_units = []
+    for leaf in leaf_map(config):
+        shape = tuple(get_path(shapes, leaf.path).shape)
+        all_units += [(u, shape) for u in units(leaf, shape, dtypes[leaf.path].itemsize)]
+    if mtp_copies:  # the copies read the main leaf under the MTP layer's names
+        by_name = {str(leaf.names): leaf for leaf in leaf_map(config) if not leaf.names.shape}
+        for copy, main in mtp_copy_names(config).items():
+            leaf = dataclasses.replace(by_name[main], names=np.array(copy, dtype=object))
+            all_units.append((Unit(leaf, (), ()), tuple(get_path(shapes, leaf.path).shape)))
+    all_units.sort(key=lambda us: us[0].layer(config.num_hidden_layers))  # stable
+
+    # Every hub tensor in output order: (name, dtype, hub shape, nbytes).
+    entries = []
+    for unit, shape in all_units:
+        dt = dtypes[unit.leaf.path]
+        hs = hf_shape(unit.leaf, shape)
+        for name in unit.names.reshape(-1):
+            entries.append((name, dt, hs, int(np.prod(hs)) * dt.itemsize))
+    shards = plan_shards([(e[0], e[3]) for e in entries], limit)
+    files = shard_names(len(shards))
+    shard_of = {n: i for i, names in enumerate(shards) for n in names}
+    total = sum(e[3] for e in entries)
+
+    tmp = _temp_dir_for(out)
+    bar = _progress(total, "to-hf", progress)
+    start = time.perf_counter()
+    try:
+        stores: dict = {}
+        pending = _read_unit(ckpt, stores, all_units[0][0])
+        writer, current = None, -1
+        for i, (unit, _) in enumerate(all_units):
+            value = np.asarray(pending.result())
+            if i + 1 < len(all_units):  # read the next unit while this one is written
+                pending = _read_unit(ckpt, stores, all_units[i + 1][0])
+            sub = dataclasses.replace(unit.leaf, names=unit.names)
+            for name, tensor in leaf_to_hf(sub, value).items():
+                if shard_of[name] != current:  # entries are in output order: shards in turn
+                    if writer is not None:
+                        writer.close()
+                    current = shard_of[name]
+                    writer = ShardWriter(tmp / files[current], [e[:3] for e in entries
+                                                                if shard_of[e[0]] == current])
+                writer.write(name, tensor)
+                bar.update(tensor.nbytes)
+            del value
+        writer.close()
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {e[0]: files[shard_of[e[0]]] for e in entries}}
+        with open(tmp / INDEX_FILE, "w") as f:
+            json.dump(index, f, indent=2)
+        with open(tmp / CONFIG_FILE, "w") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return {"bytes": total, "seconds": time.perf_counter() - start, "shards": len(files)}
+
+
+def _read_unit(ckpt: Path, stores: dict, unit: Unit):
+    """Start reading one unit from the checkpoint; returns a TensorStore future."""
+    if unit.leaf.path not in stores:
+        stores[unit.leaf.path] = orbax_stream.open_leaf(ckpt, unit.leaf.path)
+    return stores[unit.leaf.path][unit.region].read()
+
+
+def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                    **compute_options) -> GlmForCausalLM:
+    """Load a checkpoint written by `convert_hf.py to-jax` (or anything with the same
+    'params' / 'config' items) as a GlmForCausalLM.
+
+    path: the checkpoint directory. mesh: None puts every array on the default device; with a
+    mesh, each parameter is sharded by `sharding.rules` from its logical axes and every
+    device restores only its own shards. compute_options: GlmConfig compute fields (dtype,
+    moe_backend, capacity_factor, remat_policy, ...). `param_dtype` defaults to the stored
+    dtype of the embedding; a given `param_dtype` casts every weight on restore, except the
+    router weight and correction bias, which are always float32.
+
+        model = load_checkpoint("ckpt/glm45_air", mesh, moe_backend="ragged_dot")
+    """
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+
+    from sharding.rules import partition_spec
+
+    path = Path(path)
+    hf = orbax_stream.read_config(path)
+    meta = orbax_stream.params_metadata(path)
+    stored = np.dtype(meta["embed"].dtype)
+    options = {"param_dtype": stored.name, **compute_options}
+    config = GlmConfig.from_hf(hf, **options)
+    _checkpoint_leaves(path, config)
+    graphdef, state = nnx.split(abstract_model(config))
+    cast = "param_dtype" in compute_options
+
+    abstract = nnx.to_pure_dict(state)
+    for leaf in leaf_map(config):
+        var = get_path(state, leaf.path)
+        value = var.get_value()
+        if mesh is None:
+            sharding = SingleDeviceSharding(jax.devices()[0])
+        else:
+            axes = var.get_metadata().get("out_sharding") or (None,) * value.ndim
+            sharding = NamedSharding(mesh, partition_spec(axes, mesh))
+        dt = value.dtype  # the config's param_dtype (router leaves: float32) ...
+        if not cast and leaf.path[-1] not in _FLOAT32_LEAVES:  # ... or the stored dtype
+            dt = get_path(meta, tuple(map(str, leaf.path))).dtype
+        set_path(abstract, leaf.path, jax.ShapeDtypeStruct(value.shape, dt, sharding=sharding))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
+    nnx.replace_by_pure_dict(state, restored["params"])
+    return nnx.merge(graphdef, state)

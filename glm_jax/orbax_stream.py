@@ -1,0 +1,149 @@
+"""Write and read an orbax PyTree checkpoint a block at a time.
+
+Orbax saves a tree of in-memory arrays; a GLM-4.5 leaf such as the stacked `w_gate`
+([89 layers, 160 experts, 5120, 1536], 224 GB in bf16) cannot be materialised. So the tree
+handed to orbax holds `StreamedArray`s instead: shape, dtype and a generator of blocks.
+`StreamingHandler` (an orbax `TypeHandler`, registered for `StreamedArray` in a private
+registry) opens the leaf's TensorStore exactly as orbax's own numpy handler does (same
+spec builder, OCDBT process subdirectory, zarr3) but with the zarr shard shape equal to the
+block shape, and writes the blocks one by one, with a bounded number of bytes in flight.
+It records the leaf as 'np.ndarray', so the result is an ordinary orbax checkpoint:
+`PyTreeRestore` reads it back, onto a mesh if asked, without knowing about this module.
+
+`open_leaf` opens a leaf of a saved checkpoint for region reads (the to-hf direction).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.futures import future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import types as ocp_types
+
+# Bytes of blocks handed to TensorStore and not yet committed: overlaps reading the next
+# block with writing the previous ones without letting memory grow.
+MAX_IN_FLIGHT_BYTES = 256 * 2**20
+
+Block = tuple[tuple[int, ...], np.ndarray]  # (start index along every axis, data)
+
+
+@dataclasses.dataclass
+class StreamedArray:
+    """A leaf that is produced block by block. Every block has shape `block_shape` and
+    starts at a multiple of it, so each is one zarr shard (written without read-modify-write)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block_shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[Block]]
+    on_block: Callable[[int], None] = lambda nbytes: None  # progress hook
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+class StreamingHandler(ocp.type_handlers.NumpyHandler):
+    """Saves `StreamedArray`s; restores never come here (the leaf is recorded as np.ndarray)."""
+
+    def typestr(self) -> str:
+        return "np.ndarray"
+
+    async def serialize(self, values: Sequence[StreamedArray],
+                        infos: Sequence[ocp_types.ParamInfo],
+                        args: Sequence[ocp_types.SaveArgs] | None = None
+                        ) -> list[future.Future]:
+        args = args or [ocp_types.SaveArgs()] * len(values)
+        return [future.CommitFutureAwaitingContractedSignals(
+            self._write_all(list(values), list(infos), list(args)), name="glm_jax_stream")]
+
+    async def _write_all(self, values: list[StreamedArray], infos: list[ocp_types.ParamInfo],
+                         args: list[ocp_types.SaveArgs]) -> None:
+        in_flight: collections.deque = collections.deque()
+        in_flight_bytes = 0
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape,
+                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint),
+                metadata_key=self._metadata_key)
+            store = await ts.open(ts.Spec(spec.json), create=True, open=True,
+                                  context=info.ts_context)
+            for start, block in value.blocks():
+                if block.shape != value.block_shape or block.dtype != value.dtype:
+                    raise AssertionError(f"{info.name}: block {block.dtype}{block.shape} at "
+                                         f"{start}, expected {value.dtype}{value.block_shape}")
+                region = tuple(slice(s, s + n) for s, n in zip(start, block.shape))
+                in_flight.append((store[region].write(block), block.nbytes))
+                in_flight_bytes += block.nbytes
+                value.on_block(block.nbytes)
+                while in_flight_bytes > MAX_IN_FLIGHT_BYTES:
+                    fut, nbytes = in_flight.popleft()
+                    await fut
+                    in_flight_bytes -= nbytes
+        while in_flight:
+            await in_flight.popleft()[0]
+
+
+def save(path: Path, tree: Any, config_json: dict) -> None:
+    """Write an orbax composite checkpoint at `path`: item 'params' (the tree, every leaf a
+    StreamedArray) and item 'config' (the HF config.json dict). `path` must not exist."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (StreamedArray, StreamingHandler()))
+    params = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_zarr3=True,
+                                         use_compression=False)
+    handler = ocp.CompositeCheckpointHandler(params=params, config=ocp.JsonCheckpointHandler())
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(path, args=ocp.args.Composite(params=ocp.args.PyTreeSave(tree),
+                                                 config=ocp.args.JsonSave(config_json)))
+
+
+def read_config(path: Path) -> dict:
+    """The 'config' item (HF config.json dict) of a checkpoint written by `save`."""
+    file = Path(path) / "config" / "metadata"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a glm-jax checkpoint (no config item at {file})")
+    with open(file) as f:
+        return json.load(f)
+
+
+def params_metadata(path: Path) -> Any:
+    """Tree of orbax ArrayMetadata (shape, dtype) of the 'params' item."""
+    params = Path(path) / "params"
+    if not params.is_dir():
+        raise FileNotFoundError(f"{path}: not a glm-jax checkpoint (no params item)")
+    return ocp.PyTreeCheckpointHandler().metadata(params).tree
+
+
+def _uses_zarr3(params: Path) -> bool:
+    with open(params / "_METADATA") as f:
+        return bool(json.load(f).get("use_zarr3", False))
+
+
+def open_leaf(path: Path, keys: Sequence[str | int]) -> ts.TensorStore:
+    """Open one leaf of the 'params' item for region reads (`store[region].read()`)."""
+    params = Path(path) / "params"
+    spec = ts_utils.ArrayReadSpec(
+        params.as_posix(), ".".join(str(k) for k in keys), _uses_zarr3(params),
+        use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(params))
+    context = ts_utils.get_ts_context(use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(params))
+    return ts.open(ts.Spec(spec.json), open=True, context=context).result()
