@@ -1,0 +1,316 @@
+"""Scale plan: lower and compile the full train step ahead of time on simulated CPU devices
+(abstract shapes only: nothing is allocated) and print per-device memory and the bytes each
+collective moves per step.
+
+    python -m sharding.plan --config configs/glm4_5.py --mesh fsdp=16,expert=16 \\
+        --seq-len 4096 --global-batch 1024
+
+`--layers N` compiles a model with N MoE layers instead of the config's count (the dense
+prefix and MTP layers are kept) and, with `--extrapolate`, compiles a second size and
+extrapolates every figure linearly to the real depth. The layers run under one `nnx.scan`,
+so each MoE layer adds exactly the same parameters, optimizer state, saved activations and
+collectives: two sizes determine the line, and the extrapolation is exact up to XLA making a
+different buffer-sharing choice at different depths (the CLI prints both measured points).
+
+This is a CLI at the top of the import graph, like train.py: it imports glm_jax inside
+`main`. The library modules of `sharding/` (mesh, rules, expert_parallel) never do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+GiB = 1024 ** 3
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute", "ragged-all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+@dataclass
+class Plan:
+    params: float  # bytes per device
+    opt_state: float
+    other_state: float  # router biases, counters
+    temp: float  # activations and scratch (XLA temp allocation)
+    code: float
+    total: float  # arguments + temp + outputs not aliased to arguments
+    collectives: dict[str, float]  # kind -> bytes per device per step (see collective_bytes)
+    compile_seconds: float
+
+
+# --------------------------------------------------------------------- HLO collectives
+def _shape_bytes(text: str) -> int:
+    """Bytes of an HLO result type: 'f32[4,8]{1,0}' or a tuple '(f32[4], bf16[2,2])'."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+        if dtype in _DTYPE_BYTES:
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def _group_size(line: str, num_devices: int) -> int:
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [groups,size]<=[..]
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    return num_devices
+
+
+def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
+    """Bytes each device sends per step, per collective kind, from compiled HLO text.
+
+    Collectives inside a `while` body (the layer scan) count once per trip
+    (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
+    S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
+    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        # computation headers start in column 0 ('%name (...) -> ... {'); instructions are
+        # indented
+        m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*\(", line)
+        if m and line.rstrip().endswith("{"):
+            current = m.group(2)
+            comps[current] = []
+            if m.group(1):
+                entry = current
+        elif current is not None:
+            comps[current].append(line)
+    # multiplier of each computation = how often it runs per step
+    mult: dict[str, float] = defaultdict(float)
+
+    def visit(name: str, factor: float) -> None:
+        mult[name] += factor
+        for line in comps.get(name, ()):
+            trip = 1.0
+            if re.search(r"\swhile\(", line):
+                m = re.search(r'known_trip_count[^0-9]*(\d+)', line)
+                trip = float(m.group(1)) if m else 1.0
+            for key, callee in re.findall(r"\b(body|condition|to_apply|calls|"
+                                          r"true_computation|false_computation)=%?([\w.\-]+)",
+                                          line):
+                if callee in comps and key != "to_apply":
+                    visit(callee, factor * (trip if key == "body" else 1.0))
+            m = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if m:
+                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
+                    if callee in comps:
+                        visit(callee, factor)
+
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    visit(entry, 1.0)
+    out: dict[str, float] = defaultdict(float)
+    for name, lines in comps.items():
+        for line in lines:
+            m = re.match(r"\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s("
+                         + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+            if not m:
+                continue
+            kind, size = m.group(3), _shape_bytes(m.group(2))
+            if m.group(4):  # async start: result tuple holds (operand, result); keep result
+                size = _shape_bytes(m.group(2).rsplit(",", 1)[-1]) if kind != "all-reduce" \
+                    else size / 2
+            n = _group_size(line, num_devices)
+            if n <= 1:
+                continue
+            factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1,
+                      "all-reduce": 2 * (n - 1) / n, "all-to-all": (n - 1) / n,
+                      "ragged-all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
+            out[kind] += mult.get(name, 0.0) * size * factor
+    return dict(out)
+
+
+# ------------------------------------------------------------------------ compiling
+def _load_config(path: str):
+    spec = importlib.util.spec_from_file_location("plan_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"--config {path}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
+                 show_hlo: str | None = None) -> Plan:
+    """AOT-compile one train step (the real glm_jax.train.step with AdamW) and measure it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from glm_jax import GlmForCausalLM
+    from glm_jax.model.params import RouterBias
+    from glm_jax.train.step import train_step_fn
+    from sharding import rules
+    from sharding.mesh import check_model_fits_mesh, make_mesh
+
+    check_model_fits_mesh(mesh_axes, num_experts=model_cfg.n_routed_experts,
+                          num_heads=model_cfg.num_attention_heads,
+                          num_kv_heads=model_cfg.num_key_value_heads)
+    shards = mesh_axes.get("data", 1) * mesh_axes.get("fsdp", 1) * mesh_axes.get("expert", 1)
+    if global_batch % shards:
+        raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
+                         f"batch shards of {mesh_axes}")
+    mesh = make_mesh(mesh_axes)
+    abstract = nnx.eval_shape(lambda: GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
+    param_sh = rules.state_shardings(params, mesh)
+    bias_sh = rules.state_shardings(biases, mesh)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = rules.opt_state_shardings(tx, params, param_sh, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = {"params": params, "biases": biases, "opt_state": opt_abstract,
+             "step": scalar, "skipped": scalar}
+    state_sh = {"params": param_sh, "biases": bias_sh, "opt_state": opt_sh,
+                "step": replicated, "skipped": replicated}
+    tok = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32)
+    batch = {"tokens": tok, "positions": tok, "segment_ids": tok}
+    batch_sh = NamedSharding(mesh, rules.partition_spec(("batch", "seq"), mesh, tok.shape))
+    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
+                                 bias_update_rate=1e-3),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    if show_hlo:
+        with open(show_hlo + ".tmp", "w") as f:
+            f.write(hlo)
+        os.replace(show_hlo + ".tmp", show_hlo)
+
+    def per_device(tree, shardings) -> float:
+        return float(sum(x.dtype.itemsize * _prod(s.shard_shape(x.shape))
+                         for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+
+    p = per_device(params, param_sh)
+    o = per_device(opt_abstract, opt_sh)
+    b = per_device(biases, bias_sh) + 8
+    args, out, alias = (mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                        mem.alias_size_in_bytes)
+    return Plan(params=p, opt_state=o, other_state=b, temp=float(mem.temp_size_in_bytes),
+                code=float(mem.generated_code_size_in_bytes),
+                total=float(args + mem.temp_size_in_bytes + out - alias),
+                collectives=collective_bytes(hlo, mesh.size), compile_seconds=seconds)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def extrapolate(a: Plan, la: int, b: Plan, lb: int, target: int) -> Plan:
+    """The line through (la, a) and (lb, b), evaluated at `target` layers."""
+    def line(x: float, y: float) -> float:
+        return x + (y - x) * (target - la) / (lb - la)
+
+    kinds = set(a.collectives) | set(b.collectives)
+    return Plan(*(line(getattr(a, f), getattr(b, f)) for f in
+                  ("params", "opt_state", "other_state", "temp", "code", "total")),
+                collectives={k: line(a.collectives.get(k, 0.0), b.collectives.get(k, 0.0))
+                             for k in kinds},
+                compile_seconds=a.compile_seconds + b.compile_seconds)
+
+
+def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
+    rows = [("parameters", plan.params), ("optimizer state", plan.opt_state),
+            ("router biases + counters", plan.other_state),
+            ("temporaries (activations)", plan.temp),
+            ("total (args + temp + non-aliased outputs)", plan.total)]
+    lines = [title] + [f"  {name:<44s}{v / GiB:10.2f} GiB" for name, v in rows]
+    if hbm_gib:
+        lines.append(f"  {'fits ' + str(hbm_gib) + ' GiB':<44s}"
+                     f"{'yes' if plan.total <= hbm_gib * GiB else 'NO':>10s}")
+    lines.append("  collectives, bytes sent per device per step:")
+    for kind in sorted(plan.collectives):
+        lines.append(f"    {kind:<42s}{plan.collectives[kind] / GiB:10.2f} GiB")
+    lines.append(f"  (compile {plan.compile_seconds:.0f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/*.py with get_config().model")
+    parser.add_argument("--mesh", required=True, help="e.g. fsdp=16,expert=16")
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--global-batch", type=int, required=True)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="compile with this many MoE layers instead of the config's")
+    parser.add_argument("--extrapolate", type=int, default=None, metavar="L2",
+                        help="also compile with L2 MoE layers and extrapolate linearly")
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="override the config (default: the config's, None = dropless)")
+    parser.add_argument("--remat", default=None, help="override remat_policy")
+    parser.add_argument("--hbm-gib", type=float, default=95.0)
+    parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
+    args = parser.parse_args(argv)
+
+    from sharding.mesh import parse_mesh, resolve_axes
+
+    axes = parse_mesh(args.mesh)
+    num_devices = _prod(v for v in axes.values() if v > 0)
+    if any(v == -1 for v in axes.values()):
+        raise SystemExit("--mesh: give every axis a size (the device count is their product)")
+    # Simulated devices must be requested before jax initialises its backend.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={num_devices}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.getcwd())
+    from glm_jax.config import GlmConfig
+
+    cfg = _load_config(args.config)
+    overrides = {}
+    if args.capacity_factor is not None:
+        overrides["capacity_factor"] = args.capacity_factor
+    if args.remat is not None:
+        overrides["remat_policy"] = args.remat
+    model_cfg = GlmConfig.from_dict({**cfg.model.to_dict(), **overrides})
+    axes = resolve_axes(axes, num_devices)
+    real = model_cfg.num_moe_layers
+    print(f"{args.config}: {model_cfg.num_dense_layers} dense + {real} MoE layers + "
+          f"{model_cfg.num_mtp_layers} MTP; mesh {axes}; batch {args.global_batch} x "
+          f"{args.seq_len}; dtype {model_cfg.dtype}, params {model_cfg.param_dtype}, "
+          f"remat {model_cfg.remat_policy}, capacity_factor {model_cfg.capacity_factor}",
+          flush=True)
+
+    def run(moe_layers: int) -> Plan:
+        c = model_cfg.replace(num_hidden_layers=model_cfg.num_dense_layers + moe_layers)
+        plan = compile_plan(c, axes, seq_len=args.seq_len, global_batch=args.global_batch,
+                            show_hlo=args.dump_hlo)
+        print(format_plan(plan, f"measured, {moe_layers} MoE layers, per device:"), flush=True)
+        return plan
+
+    la = args.layers if args.layers is not None else real
+    a = run(la)
+    if args.extrapolate is not None:
+        b = run(args.extrapolate)
+        print(format_plan(extrapolate(a, la, b, args.extrapolate, real),
+                          f"extrapolated linearly to {real} MoE layers, per device:",
+                          args.hbm_gib))
+    elif la == real:
+        print(f"  fits {args.hbm_gib} GiB: {'yes' if a.total <= args.hbm_gib * GiB else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
