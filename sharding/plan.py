@@ -44,6 +44,7 @@ class Plan:
     total: float  # arguments + temp + outputs not aliased to arguments
     collectives: dict[str, float]  # kind -> bytes per device per step (see collective_bytes)
     compile_seconds: float
+    step_seconds: float | None = None  # measured median, only with --run-steps
 
 
 # --------------------------------------------------------------------- HLO collectives
@@ -145,8 +146,10 @@ def _load_config(path: str):
 
 
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
-                 show_hlo: str | None = None) -> Plan:
-    """AOT-compile one train step (the real glm_jax.train.step with AdamW) and measure it."""
+                 show_hlo: str | None = None, run_steps: int = 0) -> Plan:
+    """AOT-compile one train step (the real glm_jax.train.step with AdamW) and measure it.
+    With `run_steps` > 0 the state is really created (random init) and the step is run
+    once to warm up and then `run_steps` times; the median is `Plan.step_seconds`."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -207,10 +210,34 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     b = per_device(biases, bias_sh) + 8
     args, out, alias = (mem.argument_size_in_bytes, mem.output_size_in_bytes,
                         mem.alias_size_in_bytes)
+    step_seconds = None
+    if run_steps:
+        model = rules.shard_model(GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)), mesh)
+        _, real_params, real_biases = nnx.split(model, nnx.Param, RouterBias)
+        del model
+        real = {"params": real_params, "biases": real_biases,
+                "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(real_params),
+                "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                "skipped": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+        tokens = jax.random.randint(jax.random.key(0), tok.shape, 0, model_cfg.vocab_size)
+        data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+                "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tok.shape)}
+        data = jax.device_put(data, batch_sh)
+        times = []
+        for i in range(run_steps + 1):
+            t0 = time.perf_counter()
+            real, metrics = compiled(real, data)
+            jax.block_until_ready((real, metrics))
+            if i:
+                times.append(time.perf_counter() - t0)
+            print(f"  step {i}: {time.perf_counter() - t0:.2f} s, loss "
+                  f"{float(metrics['loss']):.4f}, dropped {int(metrics['dropped'])}", flush=True)
+        step_seconds = sorted(times)[len(times) // 2]
     return Plan(params=p, opt_state=o, other_state=b, temp=float(mem.temp_size_in_bytes),
                 code=float(mem.generated_code_size_in_bytes),
                 total=float(args + mem.temp_size_in_bytes + out - alias),
-                collectives=collective_bytes(hlo, mesh.size), compile_seconds=seconds)
+                collectives=collective_bytes(hlo, mesh.size), compile_seconds=seconds,
+                step_seconds=step_seconds)
 
 
 def _prod(values) -> int:
@@ -246,6 +273,8 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
     for kind in sorted(plan.collectives):
         lines.append(f"    {kind:<42s}{plan.collectives[kind] / GiB:10.2f} GiB")
     lines.append(f"  (compile {plan.compile_seconds:.0f} s)")
+    if plan.step_seconds is not None:
+        lines.append(f"  train step, median: {plan.step_seconds:.3f} s")
     return "\n".join(lines)
 
 
@@ -264,9 +293,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remat", default=None, help="override remat_policy")
     parser.add_argument("--hbm-gib", type=float, default=95.0)
     parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
+    parser.add_argument("--rule", action="append", default=[], metavar="NAME=AXES",
+                        help="override one entry of sharding.rules.RULES for this plan, "
+                             "e.g. embed=fsdp+expert (repeatable; empty AXES = unsharded)")
+    parser.add_argument("--run-steps", type=int, default=0,
+                        help="really run the step this many timed times (small configs only)")
     args = parser.parse_args(argv)
 
+    from sharding import rules
     from sharding.mesh import parse_mesh, resolve_axes
+
+    for rule in args.rule:
+        name, sep, mesh_axes = rule.partition("=")
+        if not sep or name not in rules.RULES:
+            raise SystemExit(f"--rule {rule!r}: expected NAME=AXES with NAME one of "
+                             f"{sorted(rules.RULES)}")
+        rules.RULES[name] = tuple(filter(None, mesh_axes.split("+")))
 
     axes = parse_mesh(args.mesh)
     num_devices = _prod(v for v in axes.values() if v > 0)
@@ -291,13 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.config}: {model_cfg.num_dense_layers} dense + {real} MoE layers + "
           f"{model_cfg.num_mtp_layers} MTP; mesh {axes}; batch {args.global_batch} x "
           f"{args.seq_len}; dtype {model_cfg.dtype}, params {model_cfg.param_dtype}, "
-          f"remat {model_cfg.remat_policy}, capacity_factor {model_cfg.capacity_factor}",
+          f"remat {model_cfg.remat_policy}, capacity_factor {model_cfg.capacity_factor}"
+          + (f"; rules changed: {args.rule}" if args.rule else ""),
           flush=True)
 
     def run(moe_layers: int) -> Plan:
         c = model_cfg.replace(num_hidden_layers=model_cfg.num_dense_layers + moe_layers)
         plan = compile_plan(c, axes, seq_len=args.seq_len, global_batch=args.global_batch,
-                            show_hlo=args.dump_hlo)
+                            show_hlo=args.dump_hlo, run_steps=args.run_steps)
         print(format_plan(plan, f"measured, {moe_layers} MoE layers, per device:"), flush=True)
         return plan
 
