@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from glm_jax import from_hf_state_dict
 from hf_reference import glm_config, hf_model, hf_mtp_model, hub_state_dict, mtp_hub_state_dict
@@ -29,6 +30,11 @@ CONFIGS = {
 }
 
 
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
 def _ids(seed=0, batch=2, length=24, vocab=97):
     return np.random.RandomState(seed).randint(0, vocab, (batch, length))
 
@@ -41,7 +47,7 @@ def test_logits_equal_transformers(name):
         ref = hf(torch.tensor(ids)).logits.numpy()
     config = glm_config(hf, num_nextn_predict_layers=0)
     model = from_hf_state_dict(hub_state_dict(hf), config)
-    out = model(jnp.asarray(ids))
+    out = _forward(model, jnp.asarray(ids))
     assert np.abs(np.asarray(out.logits) - ref).max() <= 1e-4
     # Every MoE layer routed every token to top_k experts.
     counts = np.asarray(out.expert_counts)
@@ -69,7 +75,7 @@ def test_mtp_logits_equal_transformers_mtp_model():
     config = glm_config(hf)
     state = {**hub_state_dict(hf), **mtp_hub_state_dict(mtp, config.num_hidden_layers)}
     model = from_hf_state_dict(state, config)
-    out = model(jnp.asarray(ids))
+    out = _forward(model, jnp.asarray(ids))
     assert len(out.mtp_logits) == 1
     assert np.abs(np.asarray(out.logits) - main.logits.numpy()).max() <= 1e-4
     assert np.abs(np.asarray(out.mtp_logits[0]) - ref).max() <= 1e-4
