@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="override the config (default: the config's, None = dropless)")
     parser.add_argument("--remat", default=None, help="override remat_policy")
+    parser.add_argument("--moe-backend", default=None,
+                        help="override moe_backend (XLA:CPU lowers ragged_dot densely, so "
+                             "its CPU memory figures overstate a GPU/TPU grouped matmul)")
     parser.add_argument("--hbm-gib", type=float, default=95.0)
     parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=AXES",
@@ -327,13 +330,16 @@ def main(argv: list[str] | None = None) -> None:
         overrides["capacity_factor"] = args.capacity_factor
     if args.remat is not None:
         overrides["remat_policy"] = args.remat
+    if args.moe_backend is not None:
+        overrides["moe_backend"] = args.moe_backend
     model_cfg = GlmConfig.from_dict({**cfg.model.to_dict(), **overrides})
     axes = resolve_axes(axes, num_devices)
     real = model_cfg.num_moe_layers
     print(f"{args.config}: {model_cfg.num_dense_layers} dense + {real} MoE layers + "
           f"{model_cfg.num_mtp_layers} MTP; mesh {axes}; batch {args.global_batch} x "
           f"{args.seq_len}; dtype {model_cfg.dtype}, params {model_cfg.param_dtype}, "
-          f"remat {model_cfg.remat_policy}, capacity_factor {model_cfg.capacity_factor}"
+          f"remat {model_cfg.remat_policy}, moe_backend {model_cfg.moe_backend}, "
+          f"capacity_factor {model_cfg.capacity_factor}"
           + (f"; rules changed: {args.rule}" if args.rule else ""),
           flush=True)
 
