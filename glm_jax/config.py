@@ -89,6 +89,7 @@ class GlmConfig:
     hf_rope_spelling: Literal["rope_parameters", "top_level"] = dataclasses.field(
         default="rope_parameters", compare=False)
     hf_extra: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+    hf_null_fields: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_id", _freeze(self.eos_token_id))
@@ -202,7 +203,10 @@ class GlmConfig:
             fields["head_dim"] = fields.get("hidden_size", cls.hidden_size) // fields.get(
                 "num_attention_heads", cls.num_attention_heads)
 
-        rope = hf.pop("rope_parameters", None) or hf.pop("rope_scaling", None)
+        null_fields = tuple(k for k in fields if fields[k] is None)
+        rope = hf.pop("rope_parameters", None)
+        if rope is None and hf.get("rope_scaling") is not None:  # the pre-5.0 spelling
+            rope = hf.pop("rope_scaling")
         if rope is not None:
             spelling = "rope_parameters"
             rope = dict(rope)
@@ -227,7 +231,8 @@ class GlmConfig:
             raise ValueError(f"config rope_parameters has keys GLM-4.5 does not use: {sorted(rope)}")
 
         extra = tuple((k, json.dumps(v)) for k, v in hf.items())
-        return cls(**{**fields, **overrides}, hf_rope_spelling=spelling, hf_extra=extra)
+        return cls(**{**fields, **overrides}, hf_rope_spelling=spelling, hf_extra=extra,
+                   hf_null_fields=null_fields)
 
     def to_hf(self) -> dict:
         """The `config.json` dict: every glm4_moe field, plus what `from_hf` carried along."""
@@ -236,6 +241,8 @@ class GlmConfig:
         out.setdefault("architectures", ["Glm4MoeForCausalLM"])
         for name in _HF_FIELDS:
             value = getattr(self, name)
+            if value is None and name not in self.hf_null_fields:
+                continue  # unset optional ids are left out, unless the source spelled them null
             out[name] = list(value) if isinstance(value, tuple) else value
         if self.hf_rope_spelling == "rope_parameters":
             out["rope_parameters"] = {"rope_theta": self.rope_theta,
@@ -257,4 +264,4 @@ class GlmConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("hf_extra", "hf_rope_spelling")}
+                if not f.name.startswith("hf_")}
