@@ -207,4 +207,6 @@ def test_sharded_layout_collectives(axis_type):
     assert counts.get("all-gather", 0) == 1, counts  # the 2-D matrix, once
     assert counts.get("all-reduce", 0) == 0, counts  # no per-iteration Gram/norm reductions
     assert counts.get("all-to-all", 0) >= 1, counts  # experts: fsdp moved onto E
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), updates, reference)
+    # same criterion as the optax test: 1e-6 on the orthogonal factor (f32 NS rounding floor)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=1e-6 * 0.2 * math.sqrt(max(a.shape[-2:]))), updates, reference)
