@@ -32,7 +32,7 @@ from orbax.checkpoint._src.serialization import types as ocp_types
 
 # Bytes of blocks handed to TensorStore and not yet committed: overlaps reading the next
 # block with writing the previous ones without letting memory grow.
-MAX_IN_FLIGHT_BYTES = 256 * 2**20
+MAX_IN_FLIGHT_BYTES = 128 * 2**20
 
 Block = tuple[tuple[int, ...], np.ndarray]  # (start index along every axis, data)
 
@@ -93,7 +93,10 @@ class StreamingHandler(ocp.type_handlers.NumpyHandler):
                     raise AssertionError(f"{info.name}: block {block.dtype}{block.shape} at "
                                          f"{start}, expected {value.dtype}{value.block_shape}")
                 region = tuple(slice(s, s + n) for s, n in zip(start, block.shape))
-                in_flight.append((store[region].write(block), block.nbytes))
+                # Blocks are fresh arrays never touched again: TensorStore may keep a
+                # reference instead of a copy, which halves the bytes held in flight.
+                write = store[region].write(block, can_reference_source_data_indefinitely=True)
+                in_flight.append((write, block.nbytes))
                 in_flight_bytes += block.nbytes
                 value.on_block(block.nbytes)
                 while in_flight_bytes > MAX_IN_FLIGHT_BYTES:
