@@ -1,0 +1,45 @@
+"""Shared pieces of the benchmarks: configs by name, timing, and
+appending a result section to docs/benchmarks.md with the exact command."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+
+from glm_jax import GlmConfig
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+
+
+def load_config(name: str, **overrides) -> GlmConfig:
+    """GlmConfig of configs/<name>.py's model section, with field overrides."""
+    fields = importlib.import_module(f"configs.{name}").get_config().model.to_dict()
+    return GlmConfig.from_dict({**fields, **overrides})
+
+
+def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn (which must block until its result is ready)."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def append_section(title: str, table: str, notes: str = "") -> None:
+    """Append `title`, the exact command, the machine and `table` to docs/benchmarks.md."""
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
+            f"jax {jax.__version__})\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+    with open(DOCS, "a") as f:
+        f.write(text)
+    print(text)
