@@ -8,6 +8,7 @@ SIGTERM/SIGINT -> save and stop) -> final checkpoint and plots.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,16 +19,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer
-from glm_jax.train.step import init_state, train_step_fn
+from glm_jax.train.step import train_step_fn
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
-from sharding.rules import partition_spec, shard_model
+from sharding.rules import partition_spec
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -80,6 +81,73 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         jax.distributed.initialize()
 
 
+class Programs:
+    """The jitted programs of one (model, optimizer, loss, mesh) setting: model creation,
+    optimizer init and the train step. Cached per setting, so repeated `run` calls in one
+    process (resume, sweeps, tests) compile once."""
+
+    def __init__(self, model_cfg: GlmConfig, opt_cfg, t, mesh: jax.sharding.Mesh):
+        def make():
+            return GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed))
+
+        abstract = nnx.eval_shape(make)
+
+        def spec(var):
+            axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+            return NamedSharding(mesh, partition_spec(axes, mesh))
+
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        shardings = jax.tree.map(spec, nnx.state(abstract), is_leaf=is_var)
+        # One jitted call creates the weights straight into their shardings (eager creation
+        # compiles every initializer op separately and materializes unsharded weights).
+        self._create = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
+        self.graphdef, abstract_params, _, rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
+        if jax.tree.leaves(rest):
+            raise TypeError(f"model has state that is neither Param nor RouterBias: {rest}")
+        placed = jax.tree.map(  # abstract Params with their shardings, for Muon
+            lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec(v))),
+            abstract_params, is_leaf=is_var)
+        self.tx, self.schedule = optimizer.make_optimizer(opt_cfg, t.steps, placed)
+        self.mesh = mesh
+        self._init_opt = jax.jit(self.tx.init)
+        self._step_fn = train_step_fn(self.graphdef, self.tx, mtp_loss_weight=t.mtp_loss_weight,
+                                      z_loss_weight=t.z_loss_weight,
+                                      bias_update_rate=t.bias_update_rate)
+        self._step = None
+
+    def init_state(self) -> dict[str, Any]:
+        graphdef, params, biases = nnx.split(nnx.merge(self.graphdef, self._create()),
+                                             nnx.Param, RouterBias)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        state = {"params": params, "biases": biases, "opt_state": self._init_opt(params),
+                 "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+        # Leaves that jit left on one device (counters) are replicated over the mesh.
+        return jax.tree.map(
+            lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
+            else jax.device_put(x, replicated), state)
+
+    def step(self, state, batch):
+        if self._step is None:
+            state_sharding = jax.tree.map(lambda x: x.sharding, state)
+            batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
+            self._step = jax.jit(self._step_fn, in_shardings=(state_sharding, batch_sharding),
+                                 out_shardings=(state_sharding, None), donate_argnums=(0,))
+        return self._step(state, batch)
+
+
+_PROGRAMS: dict[str, Programs] = {}
+
+
+def programs(cfg: ml_collections.ConfigDict, model_cfg: GlmConfig, mesh) -> Programs:
+    key = json.dumps([cfg.model.to_dict(), cfg.optimizer.to_dict(), cfg.train.to_dict(),
+                      dict(mesh.shape), [d.id for d in mesh.devices.flat]],
+                     sort_keys=True, default=str)
+    if key not in _PROGRAMS:
+        _PROGRAMS.clear()  # keep one setting: compiled programs hold memory
+        _PROGRAMS[key] = Programs(model_cfg, cfg.optimizer, cfg.train, mesh)
+    return _PROGRAMS[key]
+
+
 class _StopFlag:
     """SIGTERM / SIGINT: finish the current step, save, exit."""
 
@@ -108,9 +176,10 @@ class _StopFlag:
         return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
-        ) -> dict[str, Any]:
-    """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint).
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+        stop_at: int | None = None) -> dict[str, Any]:
+    """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
+    only up to step `stop_at` (then save and return, as on SIGTERM).
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
     "state": the final train state}."""
     model_cfg = validate(cfg)
@@ -128,13 +197,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    model = shard_model(GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed)), mesh)
-    graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
-    if jax.tree.leaves(rest):
-        raise TypeError(f"model has state that is neither Param nor RouterBias: {rest}")
-    del model
-    tx, schedule = optimizer.make_optimizer(cfg.optimizer, t.steps, params)
-    state = init_state(params, biases, tx)
+    progs = programs(cfg, model_cfg, mesh)
+    schedule = progs.schedule
+    state = progs.init_state()
 
     dataset = data.make_dataset(
         corpus, seq_len=t.seq_len, global_batch=t.batch_size, seed=cfg.data.seed,
@@ -157,12 +222,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         start, source = 0, "from scratch"
 
     batch_sharding = NamedSharding(mesh, partition_spec(("batch", "seq"), mesh))
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(
-        train_step_fn(graphdef, tx, mtp_loss_weight=t.mtp_loss_weight,
-                      z_loss_weight=t.z_loss_weight, bias_update_rate=t.bias_update_rate),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, None), donate_argnums=(0,))
 
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
@@ -174,7 +233,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     config_json = cfg.to_dict()
     if lead:
         print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
-              f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params; "
+              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
               f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
               f"workdir {workdir}", flush=True)
 
@@ -190,8 +249,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     clock, clock_step = time.perf_counter(), start
     step = start
     with _StopFlag() as stop:
-        while step < t.steps:
-            state, m = step_fn(state, global_batch(next(data_iter)))
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
+        while step < end:
+            state, m = progs.step(state, global_batch(next(data_iter)))
             step += 1
             if step % t.log_every == 0 or step == t.steps or step == start + 1:
                 m = jax.device_get(m)

@@ -25,12 +25,6 @@ TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-def init_state(params: nnx.State, biases: nnx.State, tx: optax.GradientTransformation
-               ) -> TrainState:
-    return {"params": params, "biases": biases, "opt_state": jax.jit(tx.init)(params),
-            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
-
-
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                   mtp_loss_weight: float, z_loss_weight: float, bias_update_rate: float
                   ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -49,7 +43,7 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         model = nnx.merge(graphdef, state["params"], state["biases"])
         (loss, (metrics, counts, mtp_counts, dropped)), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
