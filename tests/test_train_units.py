@@ -280,3 +280,39 @@ def test_missing_token_folder_files_and_vocab_mismatch(tmp_path):
     with pytest.raises(ValueError, match="model.vocab_size"):
         loop.run(small_config(**{"model.vocab_size": 200}), str(tmp_path / "run"),
                  progress=False)
+
+
+# ------------------------------------------------------------------ init_from
+def test_init_from_loads_a_converted_checkpoint(tmp_path):
+    """A checkpoint in the converter's layout (as glm_jax.orbax_stream.save writes it: a
+    composite with 'params' = the model's pure dict as zarr3, 'config' = config.json) loads
+    into the run's state; a different architecture is refused before compiling."""
+    import orbax.checkpoint as ocp
+
+    from glm_jax.train import checkpoint
+
+    def save(path, tree, config_json):
+        handler = ocp.CompositeCheckpointHandler(
+            params=ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False),
+            config=ocp.JsonCheckpointHandler())
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(path, args=ocp.args.Composite(params=ocp.args.PyTreeSave(tree),
+                                                     config=ocp.args.JsonSave(config_json)))
+
+    cfg = small_config()
+    model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
+    source = GlmForCausalLM(model_cfg, rngs=nnx.Rngs(7))
+    pure = nnx.to_pure_dict(nnx.state(source))
+    save(tmp_path / "ckpt", pure, model_cfg.to_hf())
+
+    checkpoint.check_init_from(str(tmp_path / "ckpt"), model_cfg)
+    mesh = loop.make_mesh(loop.resolve_axes({"data": -1}, jax.device_count()))
+    state = loop.programs(cfg, model_cfg, mesh).init_state()
+    loaded = checkpoint.load_params(str(tmp_path / "ckpt"), state)
+    got = nnx.to_pure_dict(nnx.merge_state(loaded["params"], loaded["biases"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(pure))
+
+    with pytest.raises(ValueError, match="hidden_size"):
+        bad = small_config(**{"model.hidden_size": 64})
+        bad.init_from = str(tmp_path / "ckpt")
+        loop.validate(bad)

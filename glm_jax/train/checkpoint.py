@@ -88,6 +88,30 @@ def _params_dir(path: str) -> str:
                             "'params' item (the layout glm_jax.convert writes)")
 
 
+def check_init_from(path: str, model_cfg) -> None:
+    """The converted checkpoint's config.json (its 'config' item) must describe the same
+    architecture as the run's model config. Called before anything compiles."""
+    from glm_jax.config import GlmConfig
+    from glm_jax.orbax_stream import read_config
+
+    params_dir = _params_dir(path)
+    step_dir = os.path.dirname(params_dir)
+    try:
+        hf = read_config(step_dir)
+    except FileNotFoundError:
+        return  # a bare params item (e.g. one of our own run checkpoints): shapes decide
+    compute = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "moe_backend",
+                                                  "capacity_factor", "attention_backend",
+                                                  "remat_policy")}
+    theirs = GlmConfig.from_hf(hf, **compute)
+    if theirs != model_cfg:
+        diff = {k: (v, getattr(theirs, k)) for k, v in model_cfg.to_dict().items()
+                if getattr(theirs, k) != v}
+        raise ValueError(f"config.init_from={path!r}: the checkpoint's config.json differs "
+                         f"from config.model in {diff} (ours, theirs); set config.model to "
+                         "the checkpoint's architecture")
+
+
 def load_params(path: str, state: TrainState) -> TrainState:
     """Start from converted weights: params and router biases from `path`; optimizer state,
     step and data stream start fresh."""

@@ -66,8 +66,8 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         _fail("data.path", cfg.data.path, "no such folder (leave empty for the embedded "
               "stdlib default)")
-    if cfg.init_from and not os.path.isdir(cfg.init_from):
-        _fail("init_from", cfg.init_from, "no such checkpoint folder")
+    if cfg.init_from:
+        checkpoint.check_init_from(cfg.init_from, model_cfg)
     return model_cfg
 
 
