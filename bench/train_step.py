@@ -1,0 +1,118 @@
+"""One training step (forward + backward + AdamW) of the `bench` config: glm-jax against
+transformers' Glm4MoeForCausalLM (torch CPU, `grouped_mm` and `eager` experts), same shapes,
+same machine, alternated in one run. Run as `python -m bench.train_step`.
+
+glm-jax runs its real train step (glm_jax.train.step: loss with masks, AdamW, clipping, bias
+update); transformers runs loss.backward() + torch AdamW + clipping, sdpa attention."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from bench.common import append_section, load_config
+from glm_jax import GlmConfig, GlmForCausalLM
+from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
+from glm_jax.train.step import train_step_fn
+
+
+def jax_step(config: GlmConfig, batch: int, seq: int):
+    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))
+    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
+             "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
+    data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
+    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
+                                 bias_update_rate=1e-3), donate_argnums=0)
+    box = {"state": state}
+
+    def run():
+        box["state"], metrics = step(box["state"], data)
+        jax.block_until_ready(metrics["loss"])
+
+    return run
+
+
+def torch_step(config: GlmConfig, batch: int, seq: int, experts: str):
+    hf_config = transformers.Glm4MoeConfig(**config.to_hf())
+    torch.manual_seed(0)
+    model = transformers.Glm4MoeForCausalLM(hf_config).float().train()
+    model.set_attn_implementation("sdpa")
+    model.set_experts_implementation(experts)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95))
+    ids = torch.tensor(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
+
+    def run():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="bench")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3, help="timed steps of each, alternated")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="glm-jax expert capacity (default dropless)")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--torch-experts", default="grouped_mm,eager")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    config = load_config(args.config, capacity_factor=args.capacity_factor,
+                         remat_policy=args.remat)
+    runners = {"glm-jax": jax_step(config, args.batch, args.seq)}
+    for experts in args.torch_experts.split(","):
+        runners[f"transformers {experts}"] = torch_step(config, args.batch, args.seq, experts)
+    for run in runners.values():  # compile / warm up
+        run()
+    times = {name: [] for name in runners}
+    peaks = []
+    for _ in range(args.rounds):
+        peaks.append(measure_matmul_peak())
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    peak = float(np.median(peaks))
+    tokens = args.batch * args.seq
+    flops = flops_per_token(config, args.seq)
+    anchor = float(np.median(times["transformers grouped_mm"])) if "transformers grouped_mm" in times else None
+    rows = []
+    for name, ts in times.items():
+        sec = float(np.median(ts))
+        ratio = f"{anchor / sec:.2f}x" if anchor else "-"
+        rows.append(f"| {name} | {sec:.2f} | {tokens / sec:.0f} | {ratio} | "
+                    f"{tokens / sec * flops / peak:.0%} |")
+        print(rows[-1], flush=True)
+    cap = "dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor}"
+    append_section(
+        f"Train step of `{args.config}`: glm-jax against transformers (issue 7)",
+        "| implementation | s/step (median) | tokens/s | vs transformers grouped_mm | CPU-MFU |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows),
+        f"batch {args.batch}x{args.seq}, float32, glm-jax experts `{config.moe_backend}` {cap}, "
+        f"remat {args.remat}; torch {torch.__version__} with 2 threads, sdpa attention. "
+        f"Median of {args.rounds} alternated steps after one warm-up step each. Model FLOPs "
+        f"{flops / 1e6:.0f} MFLOP/token (glm_jax.train.metrics.flops_per_token); float32 "
+        f"matmul peak measured between rounds: {peak / 1e9:.0f} GFLOP/s.")
+
+
+if __name__ == "__main__":
+    main()
