@@ -59,14 +59,33 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
         self.backend = config.attention_backend
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 mask: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # per head, over all head_dim dims, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def _attend(self, q, k, v, mask) -> jax.Array:
         attend = _einsum_attention if self.backend == "einsum" else _dpa_attention
         return self.o_proj(attend(q, k, v, mask, self.head_dim ** -0.5))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 mask: jax.Array) -> jax.Array:
+        return self._attend(*self._qkv(x, cos, sin), mask)
+
+    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               k_cache: jax.Array, v_cache: jax.Array, index: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Decoding: write this call's keys / values into the caches [B, S_max, NKV, D] at
+        slot index[b] of each row, then attend over the whole cache. mask [B, T, S_max] must
+        hide the slots not written yet (see glm_jax.kv_cache.cache_mask).
+        Returns (output, k_cache, v_cache)."""
+        q, k, v = self._qkv(x, cos, sin)
+        write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(
+            c, u.astype(c.dtype), i, axis=0))
+        k_cache, v_cache = write(k_cache, k, index), write(v_cache, v, index)
+        return self._attend(q, k_cache.astype(q.dtype), v_cache.astype(v.dtype), mask), \
+            k_cache, v_cache

@@ -36,6 +36,15 @@ class DecoderLayer(nnx.Module):
         y, aux = out if isinstance(out, tuple) else (out, {})
         return x + y, aux
 
+    def cached(self, x, cos, sin, mask, k_cache, v_cache, index):
+        """`__call__` with a KV cache (Attention.cached). Returns (x, k_cache, v_cache)."""
+        a, k_cache, v_cache = self.attn.cached(self.input_norm(x), cos, sin, mask,
+                                               k_cache, v_cache, index)
+        x = x + a
+        out = self.mlp(self.post_attn_norm(x))
+        y = out[0] if isinstance(out, tuple) else out
+        return x + y, k_cache, v_cache
+
 
 class LayerStack(nnx.Module):
     """`num_layers` identical layers with weights stacked on a leading `layers` axis.
@@ -60,3 +69,15 @@ class LayerStack(nnx.Module):
         if self.remat_policy != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat_policy])
         return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.layers)
+
+    def cached(self, x, cos, sin, mask, k_cache, v_cache, index):
+        """Decoding: the caches [layers, B, S_max, NKV, D] are scanned with the weights.
+        Returns (x, k_cache, v_cache)."""
+
+        def body(x, layer, k, v):
+            x, k, v = layer.cached(x, cos, sin, mask, k, v, index)
+            return x, (k, v)
+
+        x, (k_cache, v_cache) = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0),
+                                         out_axes=(nnx.Carry, 0))(x, self.layers, k_cache, v_cache)
+        return x, k_cache, v_cache

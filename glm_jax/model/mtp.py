@@ -39,6 +39,13 @@ class MtpLayer(nnx.Module):
         v, aux = self.block(u, cos, sin, mask)
         return self.final_norm(v), aux
 
+    def cached(self, next_embeds, hidden, cos, sin, mask, k_cache, v_cache, index):
+        """`__call__` with this layer's own KV cache. Returns (hidden, k_cache, v_cache)."""
+        u = self.eh_proj(jnp.concatenate(
+            [self.embed_norm(next_embeds), self.hidden_norm(hidden)], axis=-1))
+        v, k_cache, v_cache = self.block.cached(u, cos, sin, mask, k_cache, v_cache, index)
+        return self.final_norm(v), k_cache, v_cache
+
 
 def shift_left(x: jax.Array, k: int) -> jax.Array:
     """Roll the time axis left by k: position i sees x[i + k]. The last k positions get

@@ -1,0 +1,257 @@
+"""Text generation: KV-cache decoding and MTP speculative decoding.
+
+    out = glm_jax.generate(model, [[257, 104, 105], [257, 120]], max_new_tokens=64,
+                           eos_ids=(256,), speculative="mtp")
+    out.tokens[b, :out.lengths[b]], out.acceptance_rate
+
+Prompts of different lengths are RIGHT-padded into one batch; every row keeps its own write
+index into a preallocated KV cache (glm_jax.kv_cache), so RoPE positions are those of an
+unpadded run. One jitted prefill, then one jitted decode step per call shape (1 token per
+step, or 2 with MTP), reused for every token: nothing recompiles per token.
+
+MTP speculation: the MTP layer drafts token p+1 from the main model's hidden state at p-1
+(after the final norm) and the embedding of the token at p. One main-model call verifies
+[token p, draft] (2 positions): the model's own choice x0 for p+1 is always kept; when it
+equals the draft, the choice x1 for p+2 made from the draft's position is kept too. So the
+greedy output is identical to plain greedy decoding, and with sampling every token is still
+drawn from the main model's distribution (the draft only decides how many tokens a step
+yields). The MTP layer has its own KV cache, written in the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm_jax.kv_cache import KVCache, forward_cached, init_cache, mtp_cached
+from glm_jax.model.transformer import GlmForCausalLM
+
+__all__ = ["GenerateOutput", "generate", "sample"]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [B, max_new_tokens] int32: generated tokens; past lengths[b]: pad_id
+    lengths: np.ndarray  # [B] int32: tokens generated per row (an EOS, if hit, included)
+    steps: int  # decode-step calls after the prefill
+    drafted: int  # MTP drafts checked (rows still generating); 0 without speculation
+    accepted: int  # of those, drafts the main model agreed with
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def row(self, b: int) -> list[int]:
+        return self.tokens[b, :self.lengths[b]].tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_k: int | None
+    top_p: float
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float = 1.0) -> jax.Array:
+    """Token ids [...] from logits [..., V]: argmax when temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k tokens and the top_p nucleus."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token when the mass before it is < top_p: the top token always survives.
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _draw(logits: jax.Array, key: jax.Array, s: _Sampling) -> jax.Array:
+    return sample(logits, key, s.temperature, s.top_k, s.top_p)
+
+
+def _at(x: jax.Array, i: jax.Array) -> jax.Array:
+    """x [B, T, ...] at time i[b] of each row -> [B, ...]."""
+    return jax.vmap(lambda row, j: row[j])(x, i)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "draft"),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling: _Sampling,
+             draft: bool):
+    """The whole right-padded prompt at slots 0..T-1. Returns (first generated token [B],
+    MTP draft of the token after it [B] (or zeros), cache)."""
+    model = nnx.merge(graphdef, state)
+    b = prompt.shape[0]
+    zeros = jnp.zeros((b,), jnp.int32)
+    logits, hidden, cache = forward_cached(model, prompt, cache, zeros)
+    last = lengths - 1
+    token = _draw(_at(logits, last), key, sampling)
+    if not draft:
+        return token, zeros, cache
+    # MTP position i reads token i + 1: the prompt shifted left, with the new token at the
+    # last prompt position. Slots past a row's length get junk that the mask hides.
+    next_ids = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
+    next_ids = jax.vmap(lambda row, j, tok: row.at[j].set(tok))(next_ids, last, token)
+    mtp_logits, cache = mtp_cached(model, next_ids, hidden, cache, zeros)
+    return token, jnp.argmax(_at(mtp_logits, last), axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, token, index, cache: KVCache, key, *, sampling: _Sampling):
+    """Plain decoding: token [B] at slot index[b] -> (next token [B], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, _, cache = forward_cached(model, token[:, None], cache, index)
+    return _draw(logits[:, 0], key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key, *,
+                      sampling: _Sampling):
+    """Verify [token, draft] at slots index, index+1 and draft again.
+    Returns (x0, x1, accepted, new draft, cache): x0 is the model's token for index+1; when
+    accepted (x0 == draft), x1 is its token for index+2."""
+    model = nnx.merge(graphdef, state)
+    logits, hidden, cache = forward_cached(model, jnp.stack([token, draft], axis=1), cache,
+                                           index)
+    chosen = _draw(logits, key, sampling)  # [B, 2]
+    x0, x1 = chosen[:, 0], chosen[:, 1]
+    accepted = x0 == draft
+    # MTP at slot index reads (hidden at index, x0): right in both cases. At index+1 it reads
+    # (hidden at index+1, x1), valid only when the draft was accepted; otherwise that slot is
+    # rewritten by the next step before anything attends to it.
+    mtp_logits, cache = mtp_cached(model, chosen, hidden, cache, index)
+    new_draft = jnp.argmax(_at(mtp_logits, accepted.astype(jnp.int32)), axis=-1)
+    return x0, x1, accepted, new_draft.astype(jnp.int32), cache
+
+
+def _as_batch(input_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D array, or a list of 1-D token sequences of any lengths -> (right-padded [B, T]
+    int32, lengths [B])."""
+    if isinstance(input_ids, (np.ndarray, jax.Array)) and np.ndim(input_ids) == 2:
+        rows = list(np.asarray(input_ids))
+    elif isinstance(input_ids, Sequence) and input_ids and all(
+            np.ndim(r) == 1 for r in input_ids):
+        rows = [np.asarray(r) for r in input_ids]
+    else:
+        raise ValueError("input_ids must be a [B, T] array or a non-empty list of 1-D token "
+                         "sequences")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    if (lengths == 0).any():
+        raise ValueError(f"input_ids: empty prompt in row(s) {np.flatnonzero(lengths == 0)}")
+    batch = np.full((len(rows), lengths.max()), pad_id, np.int32)
+    for b, r in enumerate(rows):
+        if not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"input_ids row {b}: token ids must be integers, got {r.dtype}")
+        batch[b, :len(r)] = r
+    return batch, lengths
+
+
+def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+             eos_ids: Sequence[int] = (), seed: int = 0, speculative: str = "none",
+             pad_id: int | None = None,
+             on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
+    """Continue every prompt by up to `max_new_tokens` tokens; a row stops at any of
+    `eos_ids` (the EOS is kept in its output). input_ids: [B, T] or a list of token lists of
+    different lengths. speculative: "none", or "mtp" (needs num_nextn_predict_layers >= 1).
+    pad_id fills the output past each row's length (default: the config's pad token, or 0).
+    on_tokens, if given, is called after every step with each row's new tokens."""
+    cfg = model.config
+    if speculative not in ("none", "mtp"):
+        raise ValueError(f"speculative={speculative!r}: must be 'none' or 'mtp'")
+    if speculative == "mtp" and cfg.num_mtp_layers < 1:
+        raise ValueError("speculative='mtp' needs an MTP layer; this model has "
+                         "num_nextn_predict_layers=0")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and not
+                                                  0 < top_k <= cfg.vocab_size):
+        raise ValueError(f"temperature={temperature}, top_p={top_p}, top_k={top_k}: need "
+                         f"temperature >= 0, 0 < top_p <= 1, 0 < top_k <= vocab_size")
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    prompt, lengths = _as_batch(input_ids, pad_id)
+    if prompt.max() >= cfg.vocab_size or prompt.min() < 0:
+        raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
+    mtp = speculative == "mtp"
+    b, t = prompt.shape
+    # A row still generating has count < max_new_tokens tokens and its newest one at slot
+    # len + count - 1, so a step writes at most slot len + max_new_tokens - 1 (the draft's
+    # slot, with MTP). Finished rows are still fed (the batch moves together); their writes
+    # may clamp at the end of the cache, which only ever touches their own finished row.
+    cache = init_cache(model, b, t + max_new_tokens, with_mtp=mtp)
+    graphdef, state = nnx.split(model)
+    sampling = _Sampling(float(temperature), top_k, float(top_p))
+    key = jax.random.key(seed)
+    eos = np.array(sorted(set(int(e) for e in eos_ids)), np.int32)
+
+    out = np.full((b, max_new_tokens), pad_id, np.int32)
+    count = np.zeros(b, np.int32)
+    done = np.zeros(b, bool)
+
+    def emit(rows: list[list[int]]) -> None:
+        fresh = []
+        for r, toks in enumerate(rows):
+            new = []
+            for tok in toks if not done[r] else ():
+                out[r, count[r]] = tok
+                count[r] += 1
+                new.append(tok)
+                if tok in eos or count[r] >= max_new_tokens:
+                    done[r] = True
+                    break
+            fresh.append(new)
+        if on_tokens is not None:
+            on_tokens(fresh)
+
+    start = time.perf_counter()
+    token, draft, cache = _prefill(graphdef, state, jnp.asarray(prompt), jnp.asarray(lengths),
+                                   cache, jax.random.fold_in(key, 0), sampling=sampling,
+                                   draft=mtp)
+    token_np = np.asarray(token)
+    emit([[int(x)] for x in token_np])
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    index = lengths.copy()  # the slot of each row's newest token (not yet in the cache)
+    steps = drafted = accepted = 0
+    while not done.all():
+        steps += 1
+        active = ~done
+        step_key = jax.random.fold_in(key, steps)
+        if mtp:
+            x0, x1, acc, draft, cache = _speculative_step(
+                graphdef, state, token, draft, jnp.asarray(index), cache, step_key,
+                sampling=sampling)
+            x0, x1, acc = np.asarray(x0), np.asarray(x1), np.asarray(acc)
+            drafted += int(active.sum())
+            accepted += int((acc & active).sum())
+            emit([[int(x0[r]), int(x1[r])] if acc[r] else [int(x0[r])] for r in range(b)])
+            token = jnp.asarray(np.where(acc, x1, x0))
+            index = np.where(active, index + 1 + acc, index)
+        else:
+            token, cache = _decode_step(graphdef, state, token, jnp.asarray(index), cache,
+                                        step_key, sampling=sampling)
+            emit([[int(x)] for x in np.asarray(token)])
+            index = np.where(active, index + 1, index)
+    return GenerateOutput(tokens=out, lengths=count, steps=steps, drafted=drafted,
+                          accepted=accepted, prefill_seconds=prefill_seconds,
+                          decode_seconds=time.perf_counter() - start)
