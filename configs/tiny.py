@@ -39,8 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
         moe_backend="buckets",
         capacity_factor=None,
     ))
-    _training_sections(config, steps=300, batch_size=16, seq_len=256, learning_rate=3e-3,
-                       warmup_steps=30, checkpoint_every=100, log_every=10)
+    # `python train.py` (no flags): a few minutes on a 2-core CPU; the loss falls from
+    # ~7.5 (byte CE ~5.8 + 0.3 x MTP) to ~3 within the first hundred steps.
+    _training_sections(config, steps=200, batch_size=8, seq_len=256, learning_rate=3e-3,
+                       warmup_steps=20, checkpoint_every=50, log_every=10)
     return config
 
 
