@@ -43,8 +43,16 @@ class GenerateOutput:
     steps: int  # decode-step calls after the prefill
     drafted: int  # MTP drafts checked (rows still generating); 0 without speculation
     accepted: int  # of those, drafts the main model agreed with
-    prefill_seconds: float
+    prefill_seconds: float  # wall clock, compilation included on a first call
     decode_seconds: float
+    step_seconds: np.ndarray  # [steps] wall clock of each decode step (the first compiles)
+    step_tokens: np.ndarray  # [steps] tokens kept by each step, all rows
+
+    def decode_tokens_per_second(self, skip: int = 1) -> float:
+        """Tokens kept per second of decoding, leaving out the first `skip` steps (the
+        first call of a shape compiles in its first step)."""
+        seconds = self.step_seconds[skip:].sum()
+        return float(self.step_tokens[skip:].sum() / seconds) if seconds > 0 else float("nan")
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -92,10 +100,25 @@ def _at(x: jax.Array, i: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, j: row[j])(x, i)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "draft"),
+def _placement(state) -> jax.sharding.Sharding:
+    """Where the cache and the step outputs live: replicated over the weights' mesh, or on
+    their one device. Pinning every output to it keeps each step's argument shardings the
+    same from call to call, so the step compiles once (left to XLA, the prefill's outputs
+    and a step's outputs can come back with different shardings)."""
+    for x in jax.tree.leaves(state):
+        if isinstance(x.sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(state)[0].devices())))
+
+
+def _pin(tree, placement):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, placement), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "draft", "placement"),
                    donate_argnames=("cache",))
 def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling: _Sampling,
-             draft: bool):
+             draft: bool, placement):
     """The whole right-padded prompt at slots 0..T-1. Returns (first generated token [B],
     MTP draft of the token after it [B] (or zeros), cache)."""
     model = nnx.merge(graphdef, state)
@@ -105,26 +128,30 @@ def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling:
     last = lengths - 1
     token = _draw(_at(logits, last), key, sampling)
     if not draft:
-        return token, zeros, cache
+        return _pin((token, zeros, cache), placement)
     # MTP position i reads token i + 1: the prompt shifted left, with the new token at the
     # last prompt position. Slots past a row's length get junk that the mask hides.
     next_ids = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
     next_ids = jax.vmap(lambda row, j, tok: row.at[j].set(tok))(next_ids, last, token)
     mtp_logits, cache = mtp_cached(model, next_ids, hidden, cache, zeros)
-    return token, jnp.argmax(_at(mtp_logits, last), axis=-1).astype(jnp.int32), cache
+    draft_ids = jnp.argmax(_at(mtp_logits, last), axis=-1).astype(jnp.int32)
+    return _pin((token, draft_ids, cache), placement)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _decode_step(graphdef, state, token, index, cache: KVCache, key, *, sampling: _Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "placement"),
+                   donate_argnames=("cache",))
+def _decode_step(graphdef, state, token, index, cache: KVCache, key, *, sampling: _Sampling,
+                 placement):
     """Plain decoding: token [B] at slot index[b] -> (next token [B], cache)."""
     model = nnx.merge(graphdef, state)
     logits, _, cache = forward_cached(model, token[:, None], cache, index)
-    return _draw(logits[:, 0], key, sampling), cache
+    return _pin((_draw(logits[:, 0], key, sampling), cache), placement)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "placement"),
+                   donate_argnames=("cache",))
 def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key, *,
-                      sampling: _Sampling):
+                      sampling: _Sampling, placement):
     """Verify [token, draft] at slots index, index+1 and draft again.
     Returns (x0, x1, accepted, new draft, cache): x0 is the model's token for index+1; when
     accepted (x0 == draft), x1 is its token for index+2."""
@@ -139,7 +166,7 @@ def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key,
     # rewritten by the next step before anything attends to it.
     mtp_logits, cache = mtp_cached(model, chosen, hidden, cache, index)
     new_draft = jnp.argmax(_at(mtp_logits, accepted.astype(jnp.int32)), axis=-1)
-    return x0, x1, accepted, new_draft.astype(jnp.int32), cache
+    return _pin((x0, x1, accepted, new_draft.astype(jnp.int32), cache), placement)
 
 
 def _as_batch(input_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,17 +224,19 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
     # len + count - 1, so a step writes at most slot len + max_new_tokens - 1 (the draft's
     # slot, with MTP). Finished rows are still fed (the batch moves together); their writes
     # may clamp at the end of the cache, which only ever touches their own finished row.
-    cache = init_cache(model, b, t + max_new_tokens, with_mtp=mtp)
     graphdef, state = nnx.split(model)
+    placement = _placement(state)
+    put = functools.partial(jax.device_put, device=placement)
+    cache = put(init_cache(model, b, t + max_new_tokens, with_mtp=mtp))
     sampling = _Sampling(float(temperature), top_k, float(top_p))
-    key = jax.random.key(seed)
+    key = put(jax.random.key(seed))
     eos = np.array(sorted(set(int(e) for e in eos_ids)), np.int32)
 
     out = np.full((b, max_new_tokens), pad_id, np.int32)
     count = np.zeros(b, np.int32)
     done = np.zeros(b, bool)
 
-    def emit(rows: list[list[int]]) -> None:
+    def emit(rows: list[list[int]]) -> int:
         fresh = []
         for r, toks in enumerate(rows):
             new = []
@@ -221,11 +250,12 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
             fresh.append(new)
         if on_tokens is not None:
             on_tokens(fresh)
+        return sum(map(len, fresh))
 
     start = time.perf_counter()
-    token, draft, cache = _prefill(graphdef, state, jnp.asarray(prompt), jnp.asarray(lengths),
-                                   cache, jax.random.fold_in(key, 0), sampling=sampling,
-                                   draft=mtp)
+    token, draft, cache = _prefill(graphdef, state, put(prompt), put(lengths), cache,
+                                   put(jax.random.fold_in(key, 0)), sampling=sampling, draft=mtp,
+                                   placement=placement)
     token_np = np.asarray(token)
     emit([[int(x)] for x in token_np])
     prefill_seconds = time.perf_counter() - start
@@ -233,25 +263,31 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
     start = time.perf_counter()
     index = lengths.copy()  # the slot of each row's newest token (not yet in the cache)
     steps = drafted = accepted = 0
+    step_seconds, step_tokens = [], []
     while not done.all():
+        clock = time.perf_counter()
         steps += 1
         active = ~done
-        step_key = jax.random.fold_in(key, steps)
+        step_key = put(jax.random.fold_in(key, steps))
         if mtp:
             x0, x1, acc, draft, cache = _speculative_step(
-                graphdef, state, token, draft, jnp.asarray(index), cache, step_key,
-                sampling=sampling)
+                graphdef, state, token, draft, put(index), cache, step_key,
+                sampling=sampling, placement=placement)
             x0, x1, acc = np.asarray(x0), np.asarray(x1), np.asarray(acc)
             drafted += int(active.sum())
             accepted += int((acc & active).sum())
-            emit([[int(x0[r]), int(x1[r])] if acc[r] else [int(x0[r])] for r in range(b)])
-            token = jnp.asarray(np.where(acc, x1, x0))
+            kept = emit([[int(x0[r]), int(x1[r])] if acc[r] else [int(x0[r])]
+                         for r in range(b)])
+            token = put(np.where(acc, x1, x0))
             index = np.where(active, index + 1 + acc, index)
         else:
-            token, cache = _decode_step(graphdef, state, token, jnp.asarray(index), cache,
-                                        step_key, sampling=sampling)
-            emit([[int(x)] for x in np.asarray(token)])
+            token, cache = _decode_step(graphdef, state, token, put(index), cache, step_key,
+                                        sampling=sampling, placement=placement)
+            kept = emit([[int(x)] for x in np.asarray(token)])
             index = np.where(active, index + 1, index)
+        step_tokens.append(kept)
+        step_seconds.append(time.perf_counter() - clock)
     return GenerateOutput(tokens=out, lengths=count, steps=steps, drafted=drafted,
                           accepted=accepted, prefill_seconds=prefill_seconds,
-                          decode_seconds=time.perf_counter() - start)
+                          decode_seconds=time.perf_counter() - start,
+                          step_seconds=np.array(step_seconds), step_tokens=np.array(step_tokens))
