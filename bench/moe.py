@@ -26,17 +26,17 @@ def expert_step(backend: str, capacity: float | None, tokens: int, h: int, f: in
     w = jnp.asarray(rng.rand(tokens, k), jnp.float32)
     ws = [jnp.asarray(0.02 * rng.randn(*s), jnp.float32) for s in ((e, h, f), (e, h, f), (e, f, h))]
 
-    def loss(x, ws):
+    def loss(x, ws, idx, w):  # routing passed in, so XLA cannot constant-fold the sort
         if backend == "dense":
             y = dense_experts(x, idx, w, *ws)
         else:
             y, _ = sorted_experts(x, idx, w, *ws, backend, capacity)
         return jnp.sum(y * y)
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, ws).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, ws, idx, w).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return (lambda: jax.block_until_ready(compiled(x, ws))), float(cost.get("flops", 0.0))
+    return (lambda: jax.block_until_ready(compiled(x, ws, idx, w))), float(cost.get("flops", 0.0))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ The dense every-token-through-every-expert reference lives in moe.py (it needs n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -72,9 +73,17 @@ def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_f
     block_owner = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
                               e - 1)
     buf = jnp.zeros((num_blocks * block, x_rows.shape[1]), x_rows.dtype).at[slot].set(x_rows)
-    y = _swiglu(buf.reshape(num_blocks, block, -1), w_gate[block_owner], w_up[block_owner],
-                w_down[block_owner])
+    y = _owned_blocks_swiglu(buf.reshape(num_blocks, block, -1), block_owner,
+                             w_gate, w_up, w_down)
     return y.reshape(num_blocks * block, -1)[slot], jnp.zeros((), jnp.int32)
+
+
+# Each block needs its owner's weights: a gathered copy several times the size of all the
+# experts' weights. Cheap to gather again and costly to keep, so the backward pass gathers
+# them anew instead of saving them (only the matmul outputs are saved).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable)
+def _owned_blocks_swiglu(x, owner, w_gate, w_up, w_down):
+    return _swiglu(x, w_gate[owner], w_up[owner], w_down[owner])
 
 
 SORTED_BACKENDS = {"ragged_dot": ragged_dot_ffn, "buckets": bucket_ffn}
