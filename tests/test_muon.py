@@ -1,5 +1,6 @@
 """glm_jax.optim: Muon against optax.contrib.muon, NS spectra, update RMS, tiny and zero
-gradients, the label table on the real model, and the sharded NS layout on 8 devices."""
+gradients, the label table on the real model, the sharded NS layout on 8 devices, and a
+few jitted nnx.Optimizer steps on the real model."""
 
 import contextlib
 import importlib.util
@@ -17,9 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers as MDN
 
 from glm_jax import GlmConfig, GlmForCausalLM
+from glm_jax.model.params import RouterBias
 from glm_jax.optim import (MatrixDims, decay_mask, matrix_dims, muon, orthogonalize,
                            param_labels, param_shardings, rule_for, scale_by_muon)
 from glm_jax.optim.muon import NS_COEFFS
+from glm_jax.train.loss import lm_loss
 
 NS5 = (NS_COEFFS,) * 5
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -48,6 +51,20 @@ OPTAX_DIMS = {"attn": {"q_proj": {"kernel": MDN(0, 1)}},
               "embed": None, "lm_head": {"kernel": None}, "final_norm": {"scale": None}}
 
 
+def _updates(tx, params, grads):
+    """tx.init, then one tx.update per gradient tree, as ONE jitted program; the updates.
+    (Op by op, the NS loops of these small trees dispatch thousands of tiny CPU ops:
+    ~20-30 s for the 3-step comparison below instead of ~2 s jitted.)"""
+    def run(params, grads):
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            out.append(u)
+        return out
+
+    return jax.jit(run)(params, grads)
+
+
 def test_matches_optax_contrib_muon():
     """Muon leaves: ours == optax.contrib.muon(nesterov=True, consistent_rms=0.2, explicit
     dims, same wd) for 3 steps, lr 1. AdamW leaves: ours == optax.adamw(b1 .9, b2 .95, the
@@ -59,13 +76,11 @@ def test_matches_optax_contrib_muon():
                                   muon_weight_dimension_numbers=OPTAX_DIMS)
     ref_adam = optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd,
                            mask=decay_mask(params))
-    states = [tx.init(params) for tx in (ours, ref_muon, ref_adam)]
-    for step in range(3):
-        grads = jax.tree.map(lambda p, i=step: _normal(100 + i, p.shape), params)
-        (u, su), (um, sm), (ua, sa) = [tx.update(grads, s, params) for tx, s in
-                                       zip((ours, ref_muon, ref_adam), states)]
-        states = [su, sm, sa]
-        labels = param_labels(params)
+    grads = [jax.tree.map(lambda p, i=step: _normal(100 + i, p.shape), params)
+             for step in range(3)]
+    runs = [_updates(tx, params, grads) for tx in (ours, ref_muon, ref_adam)]
+    labels = param_labels(params)
+    for step, (u, um, ua) in enumerate(zip(*runs)):
         for path, lab in jax.tree_util.tree_leaves_with_path(labels):
             got = _get(u, path)
             if lab == "muon":
@@ -92,10 +107,8 @@ def test_matches_optax_without_nesterov():
     ref = optax.chain(
         optax.contrib.scale_by_muon(nesterov=False, weight_dimension_numbers={"w": MDN(1, 2)}),
         optax.contrib._muon.scale_by_shape({"w": MDN(1, 2)}, consistent_rms=0.2))
-    so, sr = ours.init(params), ref.init(params)
-    for step in range(3):
-        g = {"w": _normal(10 + step, (3, 16, 40))}
-        (uo, so), (ur, sr) = ours.update(g, so), ref.update(g, sr)
+    grads = [{"w": _normal(10 + step, (3, 16, 40))} for step in range(3)]
+    for uo, ur in zip(_updates(ours, params, grads), _updates(ref, params, grads)):
         np.testing.assert_allclose(uo["w"], ur["w"], rtol=0, atol=1e-6 * 0.2 * math.sqrt(40))
 
 
@@ -120,14 +133,17 @@ def test_singular_values_and_rms(shape):
     assert 0.16 <= rms <= 0.21, rms  # 0.2 x the NS shrink (singular values 0.68-1.13)
 
 
+_SMALL_TX = muon(1e-3, weight_decay=0.1)
+_small_update = jax.jit(_SMALL_TX.update)  # one compile shared by the three scales
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-40])
 def test_zero_and_tiny_gradients(scale):
     params = _tree(0)
-    tx = muon(1e-3, weight_decay=0.1)
-    state = tx.init(params)
+    state = _SMALL_TX.init(params)
     grads = jax.tree.map(lambda p: _normal(5, p.shape, scale), params)
     for _ in range(2):
-        updates, state = tx.update(grads, state, params)
+        updates, state = _small_update(grads, state, params)
         for leaf in jax.tree.leaves((updates, state)):
             assert bool(jnp.all(jnp.isfinite(leaf)))
     if scale == 1e-30:  # still a full-size orthogonal direction, not eps-dominated
@@ -210,3 +226,50 @@ def test_sharded_layout_collectives(axis_type):
     # same criterion as the optax test: 1e-6 on the orthogonal factor (f32 NS rounding floor)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a, b, rtol=0, atol=1e-6 * 0.2 * math.sqrt(max(a.shape[-2:]))), updates, reference)
+
+
+def test_muon_trains_real_model():
+    """The real path: nnx.Optimizer(model, muon(...), wrt=nnx.Param) on a tiny
+    GlmForCausalLM of 2 layers (1 dense + 1 MoE; the MTP layer is left out to keep the
+    compile short, its eh_proj is routed by the table test), a jitted step on one fixed
+    batch. The loss falls at every step, every Muon leaf moves (weight decay off, so only
+    the Muon direction can move it), and the RouterBias is not touched."""
+    config = _tiny_config().replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    # Created by one jitted call: eager creation compiles every initializer op separately.
+    model = nnx.jit(lambda: GlmForCausalLM(config, rngs=nnx.Rngs(0)))()
+    optimizer = nnx.Optimizer(model, muon(1e-2, weight_decay=0.0), wrt=nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
+    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens)}
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            out = model(tokens)
+            return lm_loss(out.logits, out.mtp_logits, batch, mtp_loss_weight=0.3)[0]
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    # Host copies taken BEFORE the first update: nnx.Optimizer updates the model in place.
+    before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    bias = nnx.state(model, RouterBias)
+    assert jax.tree.leaves(bias), "the tiny MoE model has no RouterBias"
+    bias_before = jax.tree.map(np.array, bias)
+    # losses[k] is the loss after k updates (each call returns the loss before its update).
+    losses = [float(step(model, optimizer)) for _ in range(4)]
+    assert all(np.isfinite(losses)), losses
+    assert losses[1] < losses[0] and losses[2] < losses[1] and losses[3] < losses[2], losses
+
+    after = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    labels = param_labels(nnx.state(model, nnx.Param))
+    muon_leaves = 0
+    for (path, label), old, new in zip(jax.tree_util.tree_leaves_with_path(labels),
+                                       jax.tree.leaves(before), jax.tree.leaves(after)):
+        if label == "muon":
+            muon_leaves += 1
+            assert not np.array_equal(old, new), f"Muon leaf {path} did not change"
+    # dense: q, k, v, o, gate, up, down; MoE: q, k, v, o, w_gate/up/down, shared gate/up/down
+    assert muon_leaves == 17, muon_leaves
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(
+        model, RouterBias)), bias_before)

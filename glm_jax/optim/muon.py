@@ -77,7 +77,9 @@ def newton_schulz(x: jax.Array, coeffs: Sequence[tuple[float, float, float]], ep
     x = pin(x)
     for a, b, c in coeffs:
         gram = pin(mm(x, jnp.swapaxes(x, -1, -2)))
-        poly = b * gram + c * mm(gram, gram)
+        # (c * A) @ A, not c * (A @ A): optax's operation order (`c * a @ a` in Python),
+        # so that the two agree to float32 rounding of the same program.
+        poly = b * gram + mm(c * gram, gram)
         x = pin(a * x + mm(poly, x))
     return x
 
@@ -117,12 +119,16 @@ def orthogonalize(x: jax.Array, dims: MatrixDims, coeffs: Sequence[tuple[float, 
         x = move(x, NamedSharding(sharding.mesh, ns))
         # The same layout for every iterate: [batch.., m, n] with matrix axes unsharded.
         # Without it GSPMD propagates the final (param) layout back into the loop.
-        inner = NamedSharding(sharding.mesh, PartitionSpec(*(ns[a] for a in batch), None, None))
+        inner = NamedSharding(sharding.mesh, PartitionSpec(
+            *(tuple(ns[a] for a in batch) or (None,)), None, None))
         pin = lambda a: move(a, inner)  # noqa: E731
     perm = batch + red + out
     bshape = tuple(x.shape[a] for a in batch)
     m, n = math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
-    y = jnp.transpose(x, perm).reshape(bshape + (m, n))
+    # A lone matrix gets a unit batch axis, as in optax's vmap: XLA:CPU lowers batched
+    # and plain dots with different summation orders (~7e-7 apart after NS), and the
+    # oracle test compares at that level.
+    y = jnp.transpose(x, perm).reshape((bshape or (1,)) + (m, n))
     if m > n:  # iterate on the short side: the Gram is min(m, n)^2; f(X^T) = f(X)^T
         y = jnp.swapaxes(newton_schulz(jnp.swapaxes(y, -1, -2), coeffs, eps, ns_dtype, pin),
                          -1, -2)
