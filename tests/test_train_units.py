@@ -337,3 +337,22 @@ def test_muon_plugs_in_through_the_config():
     updates = update(params, grads)
     assert all(bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0))
                for u in jax.tree.leaves(updates))
+
+
+def test_worker_processes_give_the_same_stream_and_resume():
+    """grain worker processes (data.num_workers) yield the in-process stream, and their
+    iterator state resumes it."""
+    corpus = data.stdlib_corpus(300_000)
+    kw = dict(seq_len=64, global_batch=4, seed=1)
+    ref = iter(data.make_dataset(corpus, **kw))
+    expected = [next(ref)["tokens"] for _ in range(6)]
+    it = iter(data.make_dataset(corpus, num_workers=2, **kw))
+    got = [next(it)["tokens"] for _ in range(3)]
+    state = it.get_state()
+    got += [next(it)["tokens"] for _ in range(3)]
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    again = iter(data.make_dataset(corpus, num_workers=2, **kw))
+    again.set_state(state)
+    for b in expected[3:]:
+        np.testing.assert_array_equal(next(again)["tokens"], b)

@@ -233,6 +233,10 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
     ds = ds[process_index::process_count]  # this host's slice of every global batch
     it = ds.to_iter_dataset()
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
     return it
