@@ -35,6 +35,9 @@ def _model_pure(state: TrainState) -> dict:
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
          data_iter: grain.DatasetIterator, config: dict, *, force: bool = False) -> bool:
+    """Save if the manager's interval says so (or `force`); asynchronous when configured."""
+    if not (force or manager.should_save(step)):
+        return False
     train = {"opt_state": state["opt_state"], "step": state["step"],
              "skipped": state["skipped"]}
     return manager.save(step, args=ocp.args.Composite(
