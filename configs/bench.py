@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         moe_backend="buckets",
         capacity_factor=None,
+        attention_backend="einsum",
+        remat_policy="none",
     ))
     config.batch_size = 4
     config.seq_len = 1024

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         moe_backend="ragged_dot",
         capacity_factor=None,
+        attention_backend="dot_product_attention",
         remat_policy="full",
     ))
     return config

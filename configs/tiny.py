@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         moe_backend="buckets",
         capacity_factor=None,
+        attention_backend="einsum",
+        remat_policy="none",
     ))
     # `python train.py` (no flags): a few minutes on a 2-core CPU; the loss falls from
     # ~7.5 (byte CE ~5.8 + 0.3 x MTP) to ~3 within the first hundred steps.
