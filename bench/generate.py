@@ -82,20 +82,22 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-backend", default=None, help="override the config's moe_backend")
     p.add_argument("--assume-acceptance", type=float, default=None,
                    help="also report the projected MTP rate at this acceptance rate")
     args = p.parse_args()
     if bool(args.config) == bool(args.ckpt):
         p.error("give exactly one of --config, --ckpt")
+    backend = {"moe_backend": args.moe_backend} if args.moe_backend else {}
 
     if args.ckpt:
         from glm_jax.generate.__main__ import load_model
 
-        model = load_model(args.ckpt)
+        model = load_model(args.ckpt, **backend)
         prompts = _stdlib_prompts(args.prompts, args.prompt_len, args.seed)
         what = f"checkpoint {args.ckpt}, {args.prompts} stdlib prompts"
     else:
-        model = GlmForCausalLM(_config(args.config, args.mtp_layers),
+        model = GlmForCausalLM(_config(args.config, args.mtp_layers).replace(**backend),
                                rngs=nnx.Rngs(args.seed))
         rng = np.random.default_rng(args.seed)
         prompts = rng.integers(0, model.config.vocab_size, (args.batch, args.prompt_len),
@@ -103,7 +105,8 @@ def main() -> None:
         what = f"{args.config} (random weights), batch {args.batch}"
     cfg = model.config
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"{what}; {params / 1e6:.1f}M params, {cfg.num_mtp_layers} MTP layer(s); prompt "
+    print(f"{what}; {params / 1e6:.1f}M params, {cfg.num_mtp_layers} MTP layer(s), "
+          f"moe_backend {cfg.moe_backend}; prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens, {jax.devices()[0].platform}",
           flush=True)
 
