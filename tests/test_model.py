@@ -153,3 +153,15 @@ def test_remat_keeps_gradients(policy):
     _, _, got = _loss_and_grads(TINY.replace(remat_policy=policy), ids)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_causal_attention_equals_full_attention():
+    from glm_jax.model.attention import (CAUSAL_CHUNK, _chunked_causal_attention,
+                                         _einsum_attention, attention_mask)
+    rng = np.random.RandomState(0)
+    t = 2 * CAUSAL_CHUNK + 44  # a ragged last chunk
+    q = jnp.asarray(rng.randn(2, t, 4, 16), jnp.float32)
+    k, v = (jnp.asarray(rng.randn(2, t, 2, 16), jnp.float32) for _ in range(2))
+    mask = attention_mask(jnp.asarray(np.repeat([[1, 2, 3]], [100, 100, t - 200], axis=1).repeat(2, 0)))
+    full = _einsum_attention(q, k, v, mask, 0.25)
+    np.testing.assert_allclose(_chunked_causal_attention(q, k, v, mask, 0.25), full, atol=1e-5)
