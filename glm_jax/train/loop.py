@@ -132,7 +132,10 @@ class Programs:
             batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
             self._step = jax.jit(self._step_fn, in_shardings=(state_sharding, batch_sharding),
                                  out_shardings=(state_sharding, None), donate_argnums=(0,))
-        return self._step(state, batch)
+        # Traced under the mesh, so the MoE sees the `expert` axis and dispatches by
+        # all-to-all (sharding.expert_parallel); without it, jit's abstract mesh is empty.
+        with jax.set_mesh(self.mesh):
+            return self._step(state, batch)
 
 
 _PROGRAMS: dict[str, Programs] = {}
