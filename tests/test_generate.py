@@ -13,7 +13,7 @@ from flax import nnx
 
 import glm_jax
 from glm_jax import from_hf_state_dict
-from glm_jax.generate import _decode_step, _speculative_step, sample
+from glm_jax.generate import _decode_step, sample
 from glm_jax.kv_cache import forward_cached, init_cache, mtp_cached
 from hf_reference import glm_config, hf_model, hf_mtp_model, hub_state_dict, mtp_hub_state_dict
 
