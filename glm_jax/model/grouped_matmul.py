@@ -7,21 +7,23 @@ same functions on the rows a device received, so nothing here knows about meshes
 
 - `ragged_dot`: `jax.lax.ragged_dot`, the right primitive on GPU/TPU. On XLA:CPU it is
   about 70x slower than a batched einsum (docs: cpu-baselines), so it is not the CPU path.
-- `buckets`: rows are scattered into fixed-size buckets, each owned by one expert, then one
-  batched einsum. Dropless by default: each expert's rows are padded to whole blocks and the
-  block count has a static bound, so no row is ever dropped. With a capacity factor, each
-  expert gets one bucket of static capacity and overflow rows (the later tokens) are dropped
-  and counted.
+- `buckets`: rows are scattered into fixed-size buckets, each owned by one expert. Dropless
+  by default: each expert's rows are padded to whole blocks, the block count has a static
+  bound, no row is ever dropped, and the blocks are run one at a time by `block_swiglu`
+  (no per-block weight copies). With a capacity factor, each expert gets one bucket of
+  static capacity, one batched einsum runs them all, and overflow rows (the later tokens)
+  are dropped and counted.
 The dense every-token-through-every-expert reference lives in moe.py (it needs no sort).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
+
+from glm_jax.model.block_swiglu import block_swiglu
 
 
 def _swiglu(x, w_gate, w_up, w_down):
@@ -64,26 +66,18 @@ def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_f
         return jnp.where(kept[:, None], y, 0), jnp.sum(~kept).astype(jnp.int32)
 
     # Dropless: expert g owns ceil(size_g / block) consecutive blocks; in total at most
-    # floor(m / block) + e blocks, a static bound. Unused blocks hold zeros.
+    # floor(m / block) + e blocks, a static bound. Blocks past the used count are skipped.
     block = dropless_block_size(m, e)
     num_blocks = m // block + e
     blocks_per_expert = -(-group_sizes // block)
     block_end = jnp.cumsum(blocks_per_expert)
     slot = (block_end - blocks_per_expert)[row_expert] * block + offset
     block_owner = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
-                              e - 1)
+                              e - 1).astype(jnp.int32)
     buf = jnp.zeros((num_blocks * block, x_rows.shape[1]), x_rows.dtype).at[slot].set(x_rows)
-    y = _owned_blocks_swiglu(buf.reshape(num_blocks, block, -1), block_owner,
-                             w_gate, w_up, w_down)
+    y = block_swiglu(buf.reshape(num_blocks, block, -1), block_owner, block_end[-1],
+                     w_gate, w_up, w_down)
     return y.reshape(num_blocks * block, -1)[slot], jnp.zeros((), jnp.int32)
-
-
-# Each block needs its owner's weights: a gathered copy several times the size of all the
-# experts' weights. Cheap to gather again and costly to keep, so the backward pass gathers
-# them anew instead of saving them (only the matmul outputs are saved).
-@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable)
-def _owned_blocks_swiglu(x, owner, w_gate, w_up, w_down):
-    return _swiglu(x, w_gate[owner], w_up[owner], w_down[owner])
 
 
 SORTED_BACKENDS = {"ragged_dot": ragged_dot_ffn, "buckets": bucket_ffn}
