@@ -12,6 +12,13 @@ from glm_jax.model.attention import Attention
 from glm_jax.model.mlp import Mlp
 from glm_jax.model.moe import MoE
 from glm_jax.model.norms_rope import RMSNorm
+from sharding.rules import constrain
+
+# Logical axes of the residual stream [B, T, H] between layers (sharding.rules.RULES maps
+# them). The scan carry is pinned at every layer boundary so that its layout is the table's
+# choice and not whatever GSPMD propagates from the weights (the embedding table's `embed`
+# sharding reached it and forced a full rematerialization, see embed_tokens).
+RESIDUAL_AXES = ("batch", "seq", "act_embed")
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -63,11 +70,13 @@ class LayerStack(nnx.Module):
         """Returns the output and the per-layer aux dict, each entry stacked [layers, ...]."""
 
         def body(x, layer):
-            return layer(x, cos, sin, mask)
+            x, aux = layer(constrain(x, RESIDUAL_AXES), cos, sin, mask)
+            return constrain(x, RESIDUAL_AXES), aux
 
         if self.remat_policy != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat_policy])
-        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.layers)
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+            constrain(x, RESIDUAL_AXES), self.layers)
 
     def cached(self, x, cos, sin, mask, k_cache, v_cache, index):
         """Decoding: the caches [layers, B, S_max, NKV, D] are scanned with the weights.

@@ -8,10 +8,11 @@ from flax import nnx, struct
 
 from glm_jax.config import GlmConfig
 from glm_jax.model.attention import attention_mask
-from glm_jax.model.decoder import LayerStack
+from glm_jax.model.decoder import RESIDUAL_AXES, LayerStack
 from glm_jax.model.mtp import MtpLayer, shift_left
 from glm_jax.model.norms_rope import RMSNorm, rope_cos_sin
 from glm_jax.model.params import Linear, normal_param
+from sharding.rules import constrain
 
 
 @struct.dataclass
@@ -43,7 +44,14 @@ class GlmForCausalLM(nnx.Module):
         self.config = config
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], ids, axis=0).astype(self.config.dtype)
+        # The table is gathered whole along `embed` first, as fsdp gathers every weight
+        # before use: GSPMD then looks rows up locally for the batch-sharded ids, and the
+        # table's gradient is a local scatter-add + reduce-scatter. Left to GSPMD, the
+        # backward pass wants the batch-sharded cotangent resharded onto `embed` for the
+        # scatter and replicates it whole ("involuntary full rematerialization").
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, ids, axis=0).astype(self.config.dtype)
+        return constrain(x, RESIDUAL_AXES)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> CausalLMOutput:
