@@ -126,16 +126,25 @@ class Programs:
             lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
             else jax.device_put(x, replicated), state)
 
-    def step(self, state, batch):
+    def _jitted_step(self, state, batch):
         if self._step is None:
             state_sharding = jax.tree.map(lambda x: x.sharding, state)
             batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
             self._step = jax.jit(self._step_fn, in_shardings=(state_sharding, batch_sharding),
                                  out_shardings=(state_sharding, None), donate_argnums=(0,))
+        return self._step
+
+    def step(self, state, batch):
         # Traced under the mesh, so the MoE sees the `expert` axis and dispatches by
         # all-to-all (sharding.expert_parallel); without it, jit's abstract mesh is empty.
         with jax.set_mesh(self.mesh):
-            return self._step(state, batch)
+            return self._jitted_step(state, batch)(state, batch)
+
+    def compile_step(self, state, batch) -> jax.stages.Compiled:
+        """The executable `step` runs for these (placed) arguments, compiled exactly as
+        `step` compiles it: for inspecting its HLO and memory (tests, benchmarks)."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted_step(state, batch).lower(state, batch).compile()
 
 
 _PROGRAMS: dict[str, Programs] = {}
