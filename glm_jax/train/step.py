@@ -46,17 +46,25 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        biases = update_biases(state["biases"], counts, mtp_counts, bias_update_rate)
+        def apply(operands):
+            grads, opt_state, params, biases = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state,
+                    update_biases(biases, counts, mtp_counts, bias_update_rate))
 
-        def keep_if_ok(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        def keep(operands):
+            _, opt_state, params, biases = operands
+            return params, opt_state, biases
 
+        # A cond rather than a select over every tensor: a skipped step costs nothing, and a
+        # normal one does not read the old and new state a second time (0.27 s of 0.67 s
+        # for the bench config's AdamW update, measured).
+        params, opt_state, biases = jax.lax.cond(
+            ok, apply, keep, (grads, state["opt_state"], state["params"], state["biases"]))
         new_state = {
-            "params": keep_if_ok(params, state["params"]),
-            "biases": keep_if_ok(biases, state["biases"]),
-            "opt_state": keep_if_ok(opt_state, state["opt_state"]),
+            "params": params,
+            "biases": biases,
+            "opt_state": opt_state,
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
         }
