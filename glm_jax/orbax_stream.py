@@ -10,7 +10,7 @@ block shape, and writes the blocks one by one, with a bounded number of bytes in
 It records the leaf as 'np.ndarray', so the result is an ordinary orbax checkpoint:
 `PyTreeRestore` reads it back, onto a mesh if asked, without knowing about this module.
 
-`open_leaf` opens a leaf of a saved checkpoint for region reads (the to-hf direction).
+`LeafReader` reads regions of the leaves of a saved checkpoint (the to-hf direction).
 """
 
 from __future__ import annotations
@@ -31,8 +31,20 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import types as ocp_types
 
 # Bytes of blocks handed to TensorStore and not yet committed: overlaps reading the next
-# block with writing the previous ones without letting memory grow.
-MAX_IN_FLIGHT_BYTES = 128 * 2**20
+# block with writing the previous ones without letting memory grow. 128 MiB measured no
+# faster and ~125 MiB more peak RSS (with 64 MiB blocks).
+MAX_IN_FLIGHT_BYTES = 64 * 2**20
+# Orbax's TensorStore context lets the OCDBT b-tree node cache grow to 100 MB, and it fills
+# as chunks are committed: measured +26 MB of live heap over an 8 GB to-jax (739 chunks), +5
+# MB at a third of the depth, none with this limit. The writer and reader only need the
+# newest nodes.
+OCDBT_CACHE_BYTES = 8 * 2**20
+
+
+def _bounded_context(parent: ts.Context) -> ts.Context:
+    """`parent` (orbax's context) with the OCDBT node cache limited to OCDBT_CACHE_BYTES."""
+    return ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": OCDBT_CACHE_BYTES}},
+                      parent=parent)
 
 Block = tuple[tuple[int, ...], np.ndarray]  # (start index along every axis, data)
 
@@ -63,8 +75,19 @@ class StreamedArray:
 class StreamingHandler(ocp.type_handlers.NumpyHandler):
     """Saves `StreamedArray`s; restores never come here (the leaf is recorded as np.ndarray)."""
 
+    def __init__(self):
+        super().__init__()
+        self._contexts: dict[int, tuple[ts.Context, ts.Context]] = {}
+
     def typestr(self) -> str:
         return "np.ndarray"
+
+    def _context(self, parent: ts.Context) -> ts.Context:
+        """One bounded context per orbax context, so that every leaf of a save still goes
+        through one OCDBT writer (two writers on one database would race on its manifest)."""
+        if id(parent) not in self._contexts:
+            self._contexts[id(parent)] = (parent, _bounded_context(parent))  # keeps id valid
+        return self._contexts[id(parent)][1]
 
     async def serialize(self, values: Sequence[StreamedArray],
                         infos: Sequence[ocp_types.ParamInfo],
@@ -87,7 +110,7 @@ class StreamingHandler(ocp.type_handlers.NumpyHandler):
                     use_ocdbt=info.is_ocdbt_checkpoint),
                 metadata_key=self._metadata_key)
             store = await ts.open(ts.Spec(spec.json), create=True, open=True,
-                                  context=info.ts_context)
+                                  context=self._context(info.ts_context))
             for start, block in value.blocks():
                 if block.shape != value.block_shape or block.dtype != value.dtype:
                     raise AssertionError(f"{info.name}: block {block.dtype}{block.shape} at "
@@ -142,11 +165,24 @@ def _uses_zarr3(params: Path) -> bool:
         return bool(json.load(f).get("use_zarr3", False))
 
 
-def open_leaf(path: Path, keys: Sequence[str | int]) -> ts.TensorStore:
-    """Open one leaf of the 'params' item for region reads (`store[region].read()`)."""
-    params = Path(path) / "params"
-    spec = ts_utils.ArrayReadSpec(
-        params.as_posix(), ".".join(str(k) for k in keys), _uses_zarr3(params),
-        use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(params))
-    context = ts_utils.get_ts_context(use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(params))
-    return ts.open(ts.Spec(spec.json), open=True, context=context).result()
+class LeafReader:
+    """Region reads from the leaves of a saved checkpoint's 'params' item. Every leaf is
+    opened once, all in one TensorStore context: a context per leaf would keep one OCDBT
+    b-tree/manifest cache per leaf (measured +50 MiB resident over an 8 GB to-hf)."""
+
+    def __init__(self, path: Path):
+        self._params = Path(path).absolute() / "params"  # orbax's OCDBT specs need absolute
+        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self._params)
+        self._zarr3 = _uses_zarr3(self._params)
+        self._context = _bounded_context(ts_utils.get_ts_context(use_ocdbt=self._ocdbt))
+        self._stores: dict[tuple, ts.TensorStore] = {}
+
+    def read(self, keys: Sequence[str | int], region: tuple[slice, ...]) -> ts.Future:
+        """Start reading `region` of leaf `keys`; `.result()` is the numpy array."""
+        keys = tuple(keys)
+        if keys not in self._stores:
+            spec = ts_utils.ArrayReadSpec(self._params.as_posix(), ".".join(map(str, keys)),
+                                          self._zarr3, use_ocdbt=self._ocdbt)
+            self._stores[keys] = ts.open(ts.Spec(spec.json), open=True,
+                                         context=self._context).result()
+        return self._stores[keys][region].read()
