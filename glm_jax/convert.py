@@ -197,7 +197,7 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     """Convert a hub folder to an orbax checkpoint at `out` (must not exist). `dtype` None
     keeps every tensor's dtype; otherwise floating weights are cast to it (the router weight
     and correction bias to float32). Returns {'bytes', 'seconds'} of the conversion."""
-    out = Path(out)
+    out = Path(out).absolute()  # orbax's OCDBT specs reject relative paths
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
     hub = HubFolder(hf_dir)
@@ -268,7 +268,7 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
     """Write a hub folder at `out` (must not exist) from an orbax checkpoint: config.json,
     model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
     model.safetensors.index.json. Returns {'bytes', 'seconds', 'shards'}."""
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = Path(ckpt).absolute(), Path(out)  # absolute: as in convert_to_jax
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
     limit = parse_size(max_shard_size)
@@ -361,7 +361,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
     from sharding.rules import partition_spec
 
-    path = Path(path)
+    path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
     hf = orbax_stream.read_config(path)
     meta = orbax_stream.params_metadata(path)
     stored = np.dtype(meta["embed"].dtype)

@@ -293,3 +293,15 @@ def test_bad_checkpoint_for_to_hf(ckpt_f32, tmp_path, capsys):
     assert convert_hf.main(["to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(out),
                             "--no-progress"]) == 1
     assert "not a glm-jax checkpoint" in capsys.readouterr().err
+
+
+def test_relative_paths(hub_f32, tmp_path, monkeypatch):
+    """Orbax's OCDBT specs want absolute paths; every command takes relative ones."""
+    hub = os.path.relpath(hub_f32, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert convert_hf.main(["to-jax", "--hf", hub, "--out", "ckpt", "--no-progress"]) == 0
+    assert convert_hf.main(["to-hf", "--ckpt", "ckpt", "--out", "back", "--no-progress"]) == 0
+    assert _all_tensors(Path("back")) == _all_tensors(hub_f32)
+    model = load_checkpoint("ckpt")
+    want = np.asarray(HubFolder(hub_f32)["model.norm.weight"])
+    np.testing.assert_array_equal(np.asarray(model.final_norm.scale[...]), want)
