@@ -1,18 +1,22 @@
 """Benchmark convert_hf.py on generated multi-GB checkpoints: throughput against `cp` and
 peak RSS (/usr/bin/time -v) at two depths.
 
-    python bench/convert.py --workdir /work/bench_convert --layers 12 36
+    python bench/convert.py --workdir /work/bench_convert --layers 24 48
 
 For each depth: write a random bf16 hub folder (safetensors written directly, one shard per
 layer, MTP layer with its embedding / head copies), `cp -r` it, run to-jax and to-hf under
-/usr/bin/time -v, check the exported folder is byte-identical tensor by tensor, print a
-table row and delete everything. All reads come from a warm page cache (cp runs first).
+/usr/bin/time -v, check the exported folder is byte-identical tensor by tensor (against
+digests taken before the hub folder is deleted, so that at most two copies of the checkpoint
+are on disk at once), print a table row and delete everything. All reads come from a warm
+page cache (cp runs first).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -103,21 +107,21 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return seconds, rss * 1024
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    ha, hb = HubFolder(a), HubFolder(b)
-    if sorted(ha) != sorted(hb):
-        return False
-    return all(ha.tensors[n].dtype == hb.tensors[n].dtype and
-               np.array_equal(np.asarray(ha[n]).view(np.uint8), np.asarray(hb[n]).view(np.uint8))
-               for n in ha)
+def tensor_digests(folder: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """(dtype, shape, blake2b of the bytes) of every tensor of a hub folder."""
+    hub = HubFolder(folder)
+    return {n: (t.dtype, t.shape, hashlib.blake2b(np.ascontiguousarray(hub[n]).view(np.uint8),
+                                                  digest_size=16).hexdigest())
+            for n, t in hub.tensors.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="/work/bench_convert")
-    parser.add_argument("--layers", type=int, nargs="+", default=[12, 36])
+    parser.add_argument("--layers", type=int, nargs="+", default=[24, 48])
     args = parser.parse_args()
     work = Path(args.workdir)
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores", flush=True)
     rows = []
     for layers in args.layers:
         shutil.rmtree(work, ignore_errors=True)
@@ -127,14 +131,16 @@ def main() -> None:
         shutil.rmtree(copy)
         cli = [sys.executable, str(ROOT / "convert_hf.py")]
         jax_s, jax_rss = timed(cli + ["to-jax", "--hf", str(hub), "--out", str(ckpt), "--no-progress"])
+        digests = tensor_digests(hub)
+        shutil.rmtree(hub)
         hf_s, hf_rss = timed(cli + ["to-hf", "--ckpt", str(ckpt), "--out", str(back),
                                     "--no-progress"])
-        ok = same_tensors(hub, back)
+        ok = tensor_digests(back) == digests
         rows.append((layers, size, cp_s, jax_s, jax_rss, hf_s, hf_rss, ok))
         print(f"layers={layers} size={size / 1e9:.2f} GB cp={size / 1e6 / cp_s:.0f} MB/s "
               f"to-jax={size / 1e6 / jax_s:.0f} MB/s rss={jax_rss / 2**20:.0f} MiB "
               f"to-hf={size / 1e6 / hf_s:.0f} MB/s rss={hf_rss / 2**20:.0f} MiB "
-              f"identical={ok}", flush=True)
+              f"identical={ok} load={os.getloadavg()[0]:.1f}", flush=True)
         shutil.rmtree(work)
     print("\n| layers | checkpoint | cp | to-jax | to-jax peak RSS | to-hf | to-hf peak RSS "
           "| round trip |\n|---|---|---|---|---|---|---|---|")
