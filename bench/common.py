@@ -38,8 +38,10 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     """Append `title`, the exact command, the machine and `table` to docs/benchmarks.md."""
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__})\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+            f"jax {jax.__version__}; load average at the end {load}: other jobs shared the "
+            f"cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)
     print(text)
