@@ -18,6 +18,7 @@ from flax import nnx
 from bench.common import append_section, load_config, time_calls
 from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
+from glm_jax.train.step import train_step_fn
 
 
 def grad_step(config: GlmConfig, batch: int, seq: int):
@@ -49,6 +50,24 @@ def grad_step(config: GlmConfig, batch: int, seq: int):
         return int(dropped) / pairs
 
     return run, compile_s
+
+
+def train_step_compile(config: GlmConfig, batch: int, seq: int) -> tuple[float, int]:
+    """Seconds to compile the real train step (glm_jax.train.step with AdamW), and the
+    number of while loops XLA kept (a one-trip layer scan is compiled as straight code)."""
+    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4))
+    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
+             "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    ids = jnp.zeros((batch, seq), jnp.int32)
+    data = {"tokens": ids, "segment_ids": jnp.ones_like(ids),
+            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
+    step = train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
+                         bias_update_rate=1e-3)
+    t = time.perf_counter()
+    compiled = jax.jit(step).lower(state, data).compile()
+    return time.perf_counter() - t, compiled.as_text().count(" while(")
 
 
 def main() -> None:
@@ -86,9 +105,11 @@ def main() -> None:
     for depth in map(int, args.depths.split(",")):
         config = load_config("tiny", num_hidden_layers=depth)
         _, compile_s = grad_step(config, 2, 128)
-        depth_rows.append(f"| {depth} | {compile_s:.1f} |")
+        step_s, loops = train_step_compile(config, 2, 128)
+        depth_rows.append(f"| {depth} | {compile_s:.1f} | {step_s:.1f} | {loops} |")
         print(depth_rows[-1], flush=True)
-    depth_table = "| tiny layers | fwd+bwd compile s |\n|---|---|\n" + "\n".join(depth_rows)
+    depth_table = ("| tiny layers | fwd+bwd compile s | train step compile s | while loops in "
+                   "the compiled step |\n|---|---|---|---|\n" + "\n".join(depth_rows))
     append_section(f"Forward + backward of `{args.config}` per MoE backend (issue 2)",
                    table + "\n\n" + depth_table,
                    f"float32; matmul peak measured in the same run: {peak / 1e9:.0f} GFLOP/s. "
