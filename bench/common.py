@@ -3,6 +3,7 @@ appending a result section to docs/benchmarks.md with the exact command."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import os
@@ -16,6 +17,16 @@ import jax
 from glm_jax import GlmConfig
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+
+
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The options every step benchmark shares: config name, batch, sequence, repeats."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="bench")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
 
 
 def load_config(name: str, **overrides) -> GlmConfig:

@@ -6,7 +6,6 @@ what is timed is one jitted value_and_grad over the Params."""
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bench.common import append_section, load_config, time_calls
+from bench.common import append_section, load_config, shape_parser, time_calls
 from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
 from glm_jax.train.step import train_step_fn
@@ -71,11 +70,7 @@ def train_step_compile(config: GlmConfig, batch: int, seq: int) -> tuple[float, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="bench")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p = shape_parser(__doc__)
     p.add_argument("--backends", default="buckets,buckets@1.25,dense,ragged_dot")
     p.add_argument("--slow-batch", type=int, default=1,
                    help="batch for ragged_dot and dense (ragged_dot is ~70x slower on CPU)")

@@ -10,7 +10,6 @@ slicing and stacking of weights and residuals, residual adds, the router-bias up
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bench.common import append_section, load_config, time_calls
+from bench.common import append_section, load_config, shape_parser, time_calls
 from bench.train_step import jax_step
 from glm_jax import GlmForCausalLM
 from glm_jax.model.attention import Attention, attention_mask
@@ -43,11 +42,7 @@ def _fwd_bwd(module: nnx.Module, call, *inputs):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="bench")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p = shape_parser(__doc__)
     p.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
     args = p.parse_args()
     cfg = load_config(args.config)
