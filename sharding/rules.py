@@ -115,8 +115,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any,
     replicated. `params` may be abstract (jax.ShapeDtypeStruct leaves)."""
     abstract_state = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    # Partitioned optimizers (optax.multi_transform, e.g. Muon + AdamW) hold a MaskedNode
+    # where a sub-transform does not see a parameter: keep it (it has no leaves).
+    masked = optax.transforms.MaskedNode
+    return optax.tree_map_params(
+        tx, lambda leaf, s: leaf if isinstance(leaf, masked) else s, abstract_state,
+        param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, masked))
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

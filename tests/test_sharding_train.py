@@ -1,6 +1,6 @@
 """The training loop's own compiled step on a sharded mesh (8 simulated CPU devices):
-tokens are exchanged by all-to-all, the expert weights are never all-gathered, and GSPMD
-needs no involuntary full rematerialization anywhere in the step."""
+optimizer state sharded like the parameters, tokens exchanged by all-to-all, the expert
+weights never all-gathered, and no involuntary full rematerialization anywhere in the step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 
@@ -31,6 +32,11 @@ def test_loop_step_exchanges_tokens_and_keeps_expert_weights_local(spec, capfd):
     mesh = make_mesh(resolve_axes(parse_mesh(spec), jax.device_count()))
     progs = loop.programs(cfg, model_cfg, mesh)
     state = progs.init_state()
+    # AdamW's moments live where their parameter lives (not replicated on every device).
+    same = optax.tree_map_params(progs.tx, lambda m, p: m.sharding == p.sharding,
+                                 state["opt_state"], state["params"],
+                                 transform_non_params=lambda _: True)
+    assert all(jax.tree.leaves(same))
     t = cfg.train
     tokens = np.arange(t.batch_size * t.seq_len, dtype=np.int32).reshape(
         t.batch_size, t.seq_len) % model_cfg.vocab_size

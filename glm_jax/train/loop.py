@@ -28,7 +28,7 @@ from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer
 from glm_jax.train.step import train_step_fn
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
-from sharding.rules import partition_spec
+from sharding.rules import opt_state_shardings, partition_spec
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -109,7 +109,13 @@ class Programs:
             abstract_params, is_leaf=is_var)
         self.tx, self.schedule = optimizer.make_optimizer(opt_cfg, t.steps, placed)
         self.mesh = mesh
-        self._init_opt = jax.jit(self.tx.init)
+        # Optimizer state lives where its parameter lives (Adam's mu and nu, momentum);
+        # counters are replicated. Left to jit, the moments came out replicated: every
+        # device held them whole and the step gathered the expert weights to update them.
+        param_shardings = jax.tree.map(lambda v: v.replace(spec(v)), abstract_params,
+                                       is_leaf=is_var)
+        self._init_opt = jax.jit(self.tx.init, out_shardings=opt_state_shardings(
+            self.tx, abstract_params, param_shardings, mesh))
         self._step_fn = train_step_fn(self.graphdef, self.tx, mtp_loss_weight=t.mtp_loss_weight,
                                       z_loss_weight=t.z_loss_weight,
                                       bias_update_rate=t.bias_update_rate)
