@@ -165,6 +165,15 @@ def test_chunked_causal_attention_equals_full_attention():
     mask = attention_mask(jnp.asarray(np.repeat([[1, 2, 3]], [100, 100, t - 200], axis=1).repeat(2, 0)))
     full = _einsum_attention(q, k, v, mask, 0.25)
     np.testing.assert_allclose(_chunked_causal_attention(q, k, v, mask, 0.25), full, atol=1e-5)
+    # Rematerialized chunks (models with a remat policy): same values and gradients.
+    np.testing.assert_allclose(_chunked_causal_attention(q, k, v, mask, 0.25, remat_chunks=True),
+                               full, atol=1e-5)
+    grads = [jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+             for f in (lambda q, k, v: _einsum_attention(q, k, v, mask, 0.25),
+                       lambda q, k, v: _chunked_causal_attention(q, k, v, mask, 0.25,
+                                                                 remat_chunks=True))]
+    for g, r in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5)
 
 
 def test_block_swiglu_matches_autodiff_of_gathered_weights():

@@ -36,17 +36,23 @@ def _einsum_attention(q, k, v, mask, scale):
 CAUSAL_CHUNK = 128
 
 
-def _chunked_causal_attention(q, k, v, mask, scale):
+def _chunked_causal_attention(q, k, v, mask, scale, *, remat_chunks: bool = False):
     """Causal self-attention in query chunks: chunk [s, e) reads keys [0, e) only, so the
     masked upper triangle is neither computed nor stored (about half the FLOPs and
-    memory traffic at long T)."""
+    memory traffic at long T).
+
+    remat_chunks: the backward pass recomputes each chunk's scores instead of keeping those
+    of every chunk from the forward pass, so one chunk's [B, NH, CHUNK, <=T] scores are live
+    at a time (the memory of flash attention, for one more score computation). Without it a
+    layer's backward holds about half the T x T scores of all heads."""
     t = q.shape[1]
     if t <= CAUSAL_CHUNK:
         return _einsum_attention(q, k, v, mask, scale)
+    attend = jax.checkpoint(_einsum_attention, static_argnums=(4,)) if remat_chunks \
+        else _einsum_attention
     return jnp.concatenate([
-        _einsum_attention(q[:, s:s + CAUSAL_CHUNK], k[:, :s + CAUSAL_CHUNK],
-                          v[:, :s + CAUSAL_CHUNK], mask[:, s:s + CAUSAL_CHUNK, :s + CAUSAL_CHUNK],
-                          scale)
+        attend(q[:, s:s + CAUSAL_CHUNK], k[:, :s + CAUSAL_CHUNK], v[:, :s + CAUSAL_CHUNK],
+               mask[:, s:s + CAUSAL_CHUNK, :s + CAUSAL_CHUNK], scale)
         for s in range(0, t, CAUSAL_CHUNK)], axis=1)
 
 
@@ -77,6 +83,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
         self.backend = config.attention_backend
+        # A model that rematerializes its layers trades compute for memory: its attention
+        # chunks are recomputed in the backward pass too (see _chunked_causal_attention).
+        self.remat_chunks = config.remat_policy != "none"
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         b, t, _ = x.shape
@@ -90,11 +99,15 @@ class Attention(nnx.Module):
     def _attend(self, q, k, v, mask, *, self_attention: bool = False) -> jax.Array:
         """self_attention: q and k are the same T positions (no cache), so the einsum
         backend may skip the causal upper triangle chunk by chunk."""
+        scale = self.head_dim ** -0.5
         if self.backend != "einsum":
-            attend = _dpa_attention
+            out = _dpa_attention(q, k, v, mask, scale)
+        elif self_attention:
+            out = _chunked_causal_attention(q, k, v, mask, scale,
+                                            remat_chunks=self.remat_chunks)
         else:
-            attend = _chunked_causal_attention if self_attention else _einsum_attention
-        return self.o_proj(attend(q, k, v, mask, self.head_dim ** -0.5))
+            out = _einsum_attention(q, k, v, mask, scale)
+        return self.o_proj(out)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  mask: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ from sharding.rules import constrain
 # sharding reached it and forced a full rematerialization, see embed_tokens).
 RESIDUAL_AXES = ("batch", "seq", "act_embed")
 
-_REMAT_POLICIES: dict[str, Callable | None] = {
+REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -74,7 +74,7 @@ class LayerStack(nnx.Module):
             return constrain(x, RESIDUAL_AXES), aux
 
         if self.remat_policy != "none":
-            body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat_policy])
+            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat_policy])
         return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
             constrain(x, RESIDUAL_AXES), self.layers)
 

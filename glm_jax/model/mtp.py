@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.config import GlmConfig
-from glm_jax.model.decoder import DecoderLayer
+from glm_jax.model.decoder import REMAT_POLICIES, DecoderLayer
 from glm_jax.model.norms_rope import RMSNorm
 from glm_jax.model.params import Linear
 
@@ -29,6 +29,7 @@ class MtpLayer(nnx.Module):
                               param_dtype=config.param_dtype, rngs=rngs)
         self.block = DecoderLayer(config, moe=True, rngs=rngs)  # always MoE
         self.final_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: shared_head.norm
+        self.remat_policy = config.remat_policy
 
     def __call__(self, next_embeds, hidden, cos, sin, mask):
         """next_embeds: embeddings of the tokens one ahead; hidden: previous depth's output.
@@ -36,7 +37,16 @@ class MtpLayer(nnx.Module):
         # The embedding comes first in the concat (all code and the weights agree).
         u = self.eh_proj(jnp.concatenate(
             [self.embed_norm(next_embeds), self.hidden_norm(hidden)], axis=-1))
-        v, aux = self.block(u, cos, sin, mask)
+
+        def block(layer, u):
+            return layer(u, cos, sin, mask)
+
+        # The same rematerialization as the layer stacks: without it the MTP block, which
+        # runs outside them, keeps every activation (attention scores, expert-exchange
+        # buffers) alive from its forward to its backward pass.
+        if self.remat_policy != "none":
+            block = nnx.remat(block, policy=REMAT_POLICIES[self.remat_policy])
+        v, aux = block(self.block, u)
         return self.final_norm(v), aux
 
     def cached(self, next_embeds, hidden, cos, sin, mask, k_cache, v_cache, index):

@@ -67,7 +67,8 @@ class GlmForCausalLM(nnx.Module):
         mask = attention_mask(segment_ids)
         no_counts = jnp.zeros((0, cfg.n_routed_experts), jnp.int32)
 
-        x = self.embed_tokens(input_ids)
+        embeds = self.embed_tokens(input_ids)
+        x = embeds
         if self.dense_layers is not None:
             x, _ = self.dense_layers(x, cos, sin, mask)
         expert_counts, dropped = no_counts, jnp.zeros((), jnp.int32)
@@ -79,7 +80,9 @@ class GlmForCausalLM(nnx.Module):
 
         mtp_logits, mtp_counts, h = [], [], hidden
         for depth, layer in enumerate(self.mtp_layers, start=1):
-            h, aux = layer(self.embed_tokens(shift_left(input_ids, depth)), h, cos, sin, mask)
+            # The embeddings of the tokens `depth` ahead, rolled rather than looked up
+            # again: one table lookup, so the backward pass builds one table-sized gradient.
+            h, aux = layer(shift_left(embeds, depth), h, cos, sin, mask)
             mtp_logits.append(self.lm_head(h))
             mtp_counts.append(aux["counts"])
             dropped = dropped + aux["dropped"]
