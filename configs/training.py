@@ -12,6 +12,7 @@ def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batc
     config.train = ml_collections.ConfigDict(dict(
         steps=steps,
         batch_size=batch_size,  # global, in rows of seq_len tokens
+        micro_batches=1,  # gradient accumulation: the step runs the batch in this many parts
         seq_len=seq_len,
         seed=0,  # model init
         log_every=log_every,

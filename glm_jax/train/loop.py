@@ -26,7 +26,7 @@ from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer
-from glm_jax.train.step import train_step_fn
+from glm_jax.train.microbatch import microbatch_train_step_fn
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
 from sharding.rules import opt_state_shardings, partition_spec
 
@@ -45,7 +45,7 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from None
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len", "log_every"):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches"):
         if not isinstance(t[name], int) or t[name] < 1:
             _fail(f"train.{name}", t[name], "must be a positive integer")
     if t.seq_len < 2 + model_cfg.num_mtp_layers:
@@ -116,9 +116,10 @@ class Programs:
                                        is_leaf=is_var)
         self._init_opt = jax.jit(self.tx.init, out_shardings=opt_state_shardings(
             self.tx, abstract_params, param_shardings, mesh))
-        self._step_fn = train_step_fn(self.graphdef, self.tx, mtp_loss_weight=t.mtp_loss_weight,
-                                      z_loss_weight=t.z_loss_weight,
-                                      bias_update_rate=t.bias_update_rate)
+        self._step_fn = microbatch_train_step_fn(
+            self.graphdef, self.tx, micro_batches=t.micro_batches,
+            mtp_loss_weight=t.mtp_loss_weight, z_loss_weight=t.z_loss_weight,
+            bias_update_rate=t.bias_update_rate)
         self._step = None
 
     def init_state(self) -> dict[str, Any]:
@@ -211,6 +212,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     if t.batch_size % batch_shards or t.batch_size % jax.process_count():
         _fail("train.batch_size", t.batch_size, f"must divide over the {batch_shards} batch "
               f"shards of the mesh {mesh_axes} and the {jax.process_count()} processes")
+    shard_rows = t.batch_size // batch_shards
+    if shard_rows % t.micro_batches:
+        _fail("train.micro_batches", t.micro_batches, f"must divide the {shard_rows} rows "
+              f"each of the {batch_shards} batch shards holds (train.batch_size="
+              f"{t.batch_size}, mesh {mesh_axes})")
     mesh = make_mesh(mesh_axes)
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
