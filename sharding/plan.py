@@ -5,6 +5,9 @@ collective moves per step.
     python -m sharding.plan --config configs/glm4_5.py --mesh fsdp=16,expert=16 \\
         --seq-len 4096 --global-batch 1024
 
+The layout that fits 95 GiB per device, and what is specific to the CPU lowering (attention
+backend, bf16 computed in f32, scheduler, collectives): docs/scaling.md.
+
 `--layers N` compiles a model with N MoE layers instead of the config's count (the dense
 prefix and MTP layers are kept) and, with `--extrapolate`, compiles a second size and
 extrapolates every figure linearly to the real depth. The layers run under one `nnx.scan`,
@@ -146,8 +149,10 @@ def _load_config(path: str):
 
 
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
-                 show_hlo: str | None = None, run_steps: int = 0) -> Plan:
-    """AOT-compile one train step (the real glm_jax.train.step with AdamW) and measure it.
+                 micro_batches: int = 1, show_hlo: str | None = None,
+                 run_steps: int = 0) -> Plan:
+    """AOT-compile one train step (the real glm_jax.train.step with AdamW; with
+    `micro_batches` > 1 the accumulating step of glm_jax.train.microbatch) and measure it.
     With `run_steps` > 0 the state is really created (random init) and the step is run
     once to warm up and then `run_steps` times; the median is `Plan.step_seconds`."""
     import jax
@@ -158,7 +163,7 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
 
     from glm_jax import GlmForCausalLM
     from glm_jax.model.params import RouterBias
-    from glm_jax.train.step import train_step_fn
+    from glm_jax.train.microbatch import microbatch_train_step_fn
     from sharding import rules
     from sharding.mesh import check_model_fits_mesh, make_mesh
 
@@ -166,9 +171,9 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
                           num_heads=model_cfg.num_attention_heads,
                           num_kv_heads=model_cfg.num_key_value_heads)
     shards = mesh_axes.get("data", 1) * mesh_axes.get("fsdp", 1) * mesh_axes.get("expert", 1)
-    if global_batch % shards:
+    if global_batch % shards or (global_batch // shards) % micro_batches:
         raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
-                         f"batch shards of {mesh_axes}")
+                         f"batch shards of {mesh_axes} and {micro_batches} micro-batches")
     mesh = make_mesh(mesh_axes)
     abstract = nnx.eval_shape(lambda: GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
@@ -186,8 +191,9 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     tok = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32)
     batch = {"tokens": tok, "positions": tok, "segment_ids": tok}
     batch_sh = NamedSharding(mesh, rules.partition_spec(("batch", "seq"), mesh, tok.shape))
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3),
+    step = jax.jit(microbatch_train_step_fn(graphdef, tx, micro_batches=micro_batches,
+                                            mtp_loss_weight=0.3, z_loss_weight=0.0,
+                                            bias_update_rate=1e-3),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     t0 = time.perf_counter()
@@ -288,12 +294,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="compile with this many MoE layers instead of the config's")
     parser.add_argument("--extrapolate", type=int, default=None, metavar="L2",
                         help="also compile with L2 MoE layers and extrapolate linearly")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="gradient accumulation: the step runs the global batch in this "
+                             "many parts (train.micro_batches)")
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="override the config (default: the config's, None = dropless)")
     parser.add_argument("--remat", default=None, help="override remat_policy")
     parser.add_argument("--moe-backend", default=None,
                         help="override moe_backend (XLA:CPU lowers ragged_dot densely, so "
                              "its CPU memory figures overstate a GPU/TPU grouped matmul)")
+    parser.add_argument("--attention-backend", default=None,
+                        help="override attention_backend (XLA without cuDNN materializes the "
+                             "T x T scores of dot_product_attention)")
     parser.add_argument("--hbm-gib", type=float, default=95.0)
     parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=AXES",
@@ -317,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     num_devices = _prod(v for v in axes.values() if v > 0)
     if any(v == -1 for v in axes.values()):
         raise SystemExit("--mesh: give every axis a size (the device count is their product)")
-    # Simulated devices must be requested before jax initialises its backend.
+    # Simulated devices must be requested before jax initialises its backend. XLA:CPU's
+    # default (concurrency-optimized) scheduler starts data-independent work such as the
+    # zero buffers of scatters as early as possible, so they stay live across the whole
+    # layer scan; the memory-minimizing scheduler orders the program as an accelerator
+    # compiler under an HBM limit would (GLM-4.5, 2 MoE layers: 230 -> 99 GiB temporaries).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={num_devices}")
+                               f" --xla_force_host_platform_device_count={num_devices}"
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.getcwd())
     from glm_jax.config import GlmConfig
@@ -332,13 +349,17 @@ def main(argv: list[str] | None = None) -> None:
         overrides["remat_policy"] = args.remat
     if args.moe_backend is not None:
         overrides["moe_backend"] = args.moe_backend
+    if args.attention_backend is not None:
+        overrides["attention_backend"] = args.attention_backend
     model_cfg = GlmConfig.from_dict({**cfg.model.to_dict(), **overrides})
     axes = resolve_axes(axes, num_devices)
     real = model_cfg.num_moe_layers
     print(f"{args.config}: {model_cfg.num_dense_layers} dense + {real} MoE layers + "
           f"{model_cfg.num_mtp_layers} MTP; mesh {axes}; batch {args.global_batch} x "
-          f"{args.seq_len}; dtype {model_cfg.dtype}, params {model_cfg.param_dtype}, "
-          f"remat {model_cfg.remat_policy}, moe_backend {model_cfg.moe_backend}, "
+          f"{args.seq_len} in {args.micro_batches} micro-batches; dtype {model_cfg.dtype}, "
+          f"params {model_cfg.param_dtype}, "
+          f"remat {model_cfg.remat_policy}, attention {model_cfg.attention_backend}, "
+          f"moe_backend {model_cfg.moe_backend}, "
           f"capacity_factor {model_cfg.capacity_factor}"
           + (f"; rules changed: {args.rule}" if args.rule else ""),
           flush=True)
@@ -346,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     def run(moe_layers: int) -> Plan:
         c = model_cfg.replace(num_hidden_layers=model_cfg.num_dense_layers + moe_layers)
         plan = compile_plan(c, axes, seq_len=args.seq_len, global_batch=args.global_batch,
-                            show_hlo=args.dump_hlo, run_steps=args.run_steps)
+                            micro_batches=args.micro_batches, show_hlo=args.dump_hlo,
+                            run_steps=args.run_steps)
         print(format_plan(plan, f"measured, {moe_layers} MoE layers, per device:"), flush=True)
         return plan
 

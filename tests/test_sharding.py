@@ -118,6 +118,26 @@ def test_sharded_equals_single_device(reference, spec):
         assert _max_diff(b_grads, biased[4]) <= 1e-4
 
 
+def test_non_expert_weights_sharded_over_expert_too(reference, monkeypatch):
+    """The scale plan's rule override embed=fsdp+expert (ZeRO-3 of the non-expert weights
+    over the `expert` axis as well) on fsdp=2,expert=4: the same logits and gradients."""
+    monkeypatch.setitem(rules.RULES, "embed", ("fsdp", "expert"))
+    model, ids, (logits, mtp, counts, _, grads), _ = reference
+    mesh = make_mesh({"fsdp": 2, "expert": 4})
+    sharded = rules.shard_model(nnx.clone(model), mesh)
+    q = sharded.moe_layers.layers.attn.q_proj.kernel.get_value()
+    assert q.sharding.spec[1] == ("fsdp", "expert")  # [layers, embed, heads]
+    fn, (params, rest, _) = logits_and_grads(sharded, ids)
+    with jax.set_mesh(mesh):
+        ids_s = jax.device_put(ids, jax.sharding.NamedSharding(
+            mesh, rules.partition_spec(("batch", "seq"), mesh, ids.shape)))
+        s_logits, s_mtp, s_counts, _, s_grads = jax.device_get(fn(params, rest, ids_s))
+    assert _max_diff(s_logits, logits) <= 1e-4
+    assert _max_diff(s_mtp, mtp) <= 1e-4
+    assert _max_diff(s_grads, grads) <= 1e-4
+    np.testing.assert_array_equal(s_counts, counts)
+
+
 def _ep_call(x, idx, weights, ws, mesh, capacity_factor=None):
     with jax.set_mesh(mesh):
         return jax.jit(lambda *a: expert_parallel_ffn(
