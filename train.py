@@ -31,4 +31,7 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+    from glm_jax.heap import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before jax starts: see glm_jax/heap.py
     app.run(_main)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import jax
 
 from glm_jax import GlmConfig
+from glm_jax.heap import huge_pages_active
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 
@@ -49,9 +50,10 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     """Append `title`, the exact command, the machine and `table` to docs/benchmarks.md."""
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    heap = "huge pages (glm_jax.heap)" if huge_pages_active() else "glibc defaults"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__}; load average at the end {load}: other jobs shared the "
+            f"jax {jax.__version__}; heap {heap}; load average at the end {load}: other jobs shared the "
             f"cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)

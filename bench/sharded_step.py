@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, shape_parser  # noqa: E402
 from glm_jax.train import loop  # noqa: E402
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes  # noqa: E402
@@ -129,4 +130,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()
     main()

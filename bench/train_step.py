@@ -18,6 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
+from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, load_config
 from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
@@ -115,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()
     main()
