@@ -100,13 +100,14 @@ class Attention(nnx.Module):
         """self_attention: q and k are the same T positions (no cache), so the einsum
         backend may skip the causal upper triangle chunk by chunk."""
         scale = self.head_dim ** -0.5
-        if self.backend != "einsum":
-            out = _dpa_attention(q, k, v, mask, scale)
-        elif self_attention:
-            out = _chunked_causal_attention(q, k, v, mask, scale,
-                                            remat_chunks=self.remat_chunks)
-        else:
-            out = _einsum_attention(q, k, v, mask, scale)
+        with jax.named_scope("core"):
+            if self.backend != "einsum":
+                out = _dpa_attention(q, k, v, mask, scale)
+            elif self_attention:
+                out = _chunked_causal_attention(q, k, v, mask, scale,
+                                                remat_chunks=self.remat_chunks)
+            else:
+                out = _einsum_attention(q, k, v, mask, scale)
         return self.o_proj(out)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,

@@ -37,8 +37,11 @@ class DecoderLayer(nnx.Module):
                     else Mlp(config, config.intermediate_size, rngs=rngs))
 
     def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        out = self.mlp(self.post_attn_norm(x))
+        # The scopes name the parts in XLA's op metadata (bench/op_profile.py).
+        with jax.named_scope("attention"):
+            x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
+            out = self.mlp(self.post_attn_norm(x))
         y, aux = out if isinstance(out, tuple) else (out, {})
         return x + y, aux
 

@@ -75,8 +75,9 @@ def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_f
     block_owner = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
                               e - 1).astype(jnp.int32)
     buf = jnp.zeros((num_blocks * block, x_rows.shape[1]), x_rows.dtype).at[slot].set(x_rows)
-    y = block_swiglu(buf.reshape(num_blocks, block, -1), block_owner, block_end[-1],
-                     w_gate, w_up, w_down)
+    with jax.named_scope("expert_matmuls"):
+        y = block_swiglu(buf.reshape(num_blocks, block, -1), block_owner, block_end[-1],
+                         w_gate, w_up, w_down)
     return y.reshape(num_blocks * block, -1)[slot], jnp.zeros((), jnp.int32)
 
 

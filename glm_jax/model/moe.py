@@ -73,25 +73,30 @@ class MoE(nnx.Module):
                                if config.n_shared_experts else None)
         self.config = config
 
+    def _routed(self, flat, idx, weights, w):
+        cfg = self.config
+        if cfg.moe_backend == "dense":
+            return dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
+        if expert_axis_size() > 1:  # an active mesh (jax.set_mesh) with expert > 1
+            return expert_parallel_ffn(
+                flat, idx, weights, *w, local_ffn=SORTED_BACKENDS[cfg.moe_backend],
+                capacity_factor=cfg.capacity_factor)
+        return sorted_experts(flat, idx, weights, *w, cfg.moe_backend, cfg.capacity_factor)
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, T, H] -> (y [B, T, H], {"counts": [E] token-expert pairs per expert,
         "dropped": pairs dropped by a capacity limit})."""
         cfg = self.config
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
-        weights, idx = route(flat, self.router_kernel[...], self.correction_bias[...], cfg)
+        with jax.named_scope("router"):
+            weights, idx = route(flat, self.router_kernel[...], self.correction_bias[...], cfg)
         w = [p[...].astype(cfg.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
-        if cfg.moe_backend == "dense":
-            routed, dropped = dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
-        elif expert_axis_size() > 1:  # an active mesh (jax.set_mesh) with expert > 1
-            routed, dropped = expert_parallel_ffn(
-                flat, idx, weights, *w, local_ffn=SORTED_BACKENDS[cfg.moe_backend],
-                capacity_factor=cfg.capacity_factor)
-        else:
-            routed, dropped = sorted_experts(flat, idx, weights, *w, cfg.moe_backend,
-                                             cfg.capacity_factor)
+        with jax.named_scope("routed_experts"):
+            routed, dropped = self._routed(flat, idx, weights, w)
         y = routed.astype(x.dtype).reshape(b, t, h)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            with jax.named_scope("shared_expert"):
+                y = y + self.shared_experts(x)
         counts = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
         return y, {"counts": counts, "dropped": dropped}

@@ -75,15 +75,18 @@ class GlmForCausalLM(nnx.Module):
         if self.moe_layers is not None:
             x, aux = self.moe_layers(x, cos, sin, mask)
             expert_counts, dropped = aux["counts"], aux["dropped"].sum()
-        hidden = self.final_norm(x)
-        logits = self.lm_head(hidden)
+        with jax.named_scope("lm_head"):
+            hidden = self.final_norm(x)
+            logits = self.lm_head(hidden)
 
         mtp_logits, mtp_counts, h = [], [], hidden
         for depth, layer in enumerate(self.mtp_layers, start=1):
             # The embeddings of the tokens `depth` ahead, rolled rather than looked up
             # again: one table lookup, so the backward pass builds one table-sized gradient.
-            h, aux = layer(shift_left(embeds, depth), h, cos, sin, mask)
-            mtp_logits.append(self.lm_head(h))
+            with jax.named_scope("mtp"):
+                h, aux = layer(shift_left(embeds, depth), h, cos, sin, mask)
+            with jax.named_scope("lm_head"):
+                mtp_logits.append(self.lm_head(h))
             mtp_counts.append(aux["counts"])
             dropped = dropped + aux["dropped"]
         return CausalLMOutput(

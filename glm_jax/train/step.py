@@ -33,8 +33,10 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     def loss_fn(model, batch):
         out = model(batch["tokens"], positions=batch["positions"],
                     segment_ids=batch["segment_ids"])
-        loss, metrics = lm_loss(out.logits, out.mtp_logits, batch,
-                                mtp_loss_weight=mtp_loss_weight, z_loss_weight=z_loss_weight)
+        with jax.named_scope("cross_entropy"):
+            loss, metrics = lm_loss(out.logits, out.mtp_logits, batch,
+                                    mtp_loss_weight=mtp_loss_weight,
+                                    z_loss_weight=z_loss_weight)
         return loss, (metrics, out.expert_counts, out.mtp_expert_counts, out.dropped)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -43,8 +45,9 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         model = nnx.merge(graphdef, state["params"], state["biases"])
         (loss, (metrics, counts, mtp_counts, dropped)), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
-        new_state, ok, grad_norm = apply_update(state, grads, loss, counts, mtp_counts, tx=tx,
-                                                bias_update_rate=bias_update_rate)
+        with jax.named_scope("optimizer"):
+            new_state, ok, grad_norm = apply_update(state, grads, loss, counts, mtp_counts,
+                                                    tx=tx, bias_update_rate=bias_update_rate)
         all_counts = jnp.concatenate([counts, mtp_counts], axis=0)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=ok,
                        dropped=dropped, expert_counts=all_counts,
