@@ -48,7 +48,8 @@ def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def append_section(title: str, table: str, notes: str = "") -> None:
     """Append `title`, the exact command, the machine and `table` to docs/benchmarks.md."""
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    # As typed (`python -m bench.x ...`): the bench modules import each other as a package.
+    command = "python " + " ".join(sys.orig_argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     heap = "huge pages (glm_jax.heap)" if huge_pages_active() else "glibc defaults"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
