@@ -54,8 +54,8 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     heap = "huge pages (glm_jax.heap)" if huge_pages_active() else "glibc defaults"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__}; heap {heap}; load average at the end {load}: other jobs shared the "
-            f"cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+            f"jax {jax.__version__}; heap {heap}; load average at the end {load}: other jobs "
+            f"shared the cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)
     print(text)

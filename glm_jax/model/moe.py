@@ -74,6 +74,7 @@ class MoE(nnx.Module):
         self.config = config
 
     def _routed(self, flat, idx, weights, w):
+        """The routed experts through the configured backend, expert-parallel on a mesh."""
         cfg = self.config
         if cfg.moe_backend == "dense":
             return dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
