@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-from glm_jax import GlmConfig
+from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.heap import huge_pages_active
+from glm_jax.train.step import train_step_fn
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 
@@ -34,6 +39,22 @@ def load_config(name: str, **overrides) -> GlmConfig:
     """GlmConfig of configs/<name>.py's model section, with field overrides."""
     fields = importlib.import_module(f"configs.{name}").get_config().model.to_dict()
     return GlmConfig.from_dict({**fields, **overrides})
+
+
+def jax_train_step(config: GlmConfig, batch: int, seq: int):
+    """The real glm-jax train step (glm_jax.train.step, AdamW, clipping, bias update) on
+    random tokens: (jitted step with the state donated, state, batch)."""
+    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))
+    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
+             "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
+    data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
+    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
+                                 bias_update_rate=1e-3), donate_argnums=0)
+    return step, state, data
 
 
 def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:

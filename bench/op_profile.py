@@ -26,15 +26,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from bench.common import append_section, load_config, shape_parser  # noqa: E402
-from glm_jax import GlmForCausalLM  # noqa: E402
+from bench.common import (append_section, jax_train_step, load_config,  # noqa: E402
+                          shape_parser)
 from glm_jax.heap import reexec_with_huge_pages  # noqa: E402
-from glm_jax.train.step import train_step_fn  # noqa: E402
 
 # Most specific first: an op inside moe/routed_experts/expert_matmuls is an expert matmul.
 PARTS = (("expert_matmuls", "MoE: routed expert matmuls (block_swiglu)"),
@@ -94,17 +89,7 @@ def self_times(trace_file: str) -> dict[str, float]:
 def main() -> None:
     args = shape_parser(__doc__).parse_args()
     config = load_config(args.config)
-    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.int32(0), "skipped": jnp.int32(0)}
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size,
-                                                          (args.batch, args.seq)))
-    data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
-            "positions": jnp.broadcast_to(jnp.arange(args.seq), (args.batch, args.seq))}
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3), donate_argnums=0)
+    step, state, data = jax_train_step(config, args.batch, args.seq)
     compiled = step.lower(state, data).compile()
     names = op_names(compiled.as_text())
     for _ in range(2):  # warm up: the first calls fault in memory

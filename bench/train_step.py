@@ -21,31 +21,18 @@ import multiprocessing
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import transformers
-from flax import nnx
 
+from bench.common import append_section, jax_train_step, load_config
+from glm_jax import GlmConfig
 from glm_jax.heap import reexec_with_huge_pages
-from bench.common import append_section, load_config
-from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
-from glm_jax.train.step import train_step_fn
 
 
 def jax_step(config: GlmConfig, batch: int, seq: int):
-    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.int32(0), "skipped": jnp.int32(0)}
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
-    data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
-            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3), donate_argnums=0)
+    step, state, data = jax_train_step(config, batch, seq)
     box = {"state": state}
 
     def run():
@@ -121,8 +108,9 @@ def main() -> None:
         try:
             parent.recv()  # "ready"
         except EOFError:
+            proc.join()
             raise RuntimeError(f"the {name} worker died while building its step "
-                               f"(exit code {proc.join() or proc.exitcode})") from None
+                               f"(exit code {proc.exitcode})") from None
         workers[name] = (proc, parent)
     times = {name: [] for name in names}
     peaks = []

@@ -6,7 +6,7 @@ train step), and glibc serves every block over 32 MiB with a fresh mmap that it 
 free, so every step faults and zeroes all of it again in 4 KiB pages: 1.7 million minor
 faults and 5-6 CPU-s of system time per `bench` step. With glibc's `hugetlb=1` tunable malloc
 asks for transparent huge pages on those mappings (madvise), and the same step takes ~4,000
-faults and ~2 CPU-s (docs/benchmarks.md, "Huge pages"). glibc reads its tunables only when a
+faults and ~2 CPU-s (docs/benchmarks.md, "Issue 7 status, session 3"). glibc reads its tunables only when a
 process starts, so the entry points (train.py, bench/) re-execute themselves once with it.
 
 Not adopted: keeping the freed blocks in the heap (one arena, no mmap, no trim) removes the
