@@ -2,9 +2,9 @@
 
 The HF fields keep their HF names so that `config.json` maps one to one. `from_hf` /
 `to_hf` round-trip exactly: unknown keys (architectures, transformers_version,
-quantization_config, ...) are carried along verbatim, and the rope spelling
-(`rope_parameters` dict, or the older top-level `rope_theta` / `partial_rotary_factor`)
-is remembered so the written file looks like the one read.
+quantization_config, ...) are carried along verbatim, and the RoPE keys are kept as read
+(`rope_parameters`, the pre-5.0 `rope_scaling`, top-level `rope_theta` /
+`partial_rotary_factor`, or a mix) so the written file looks like the one read.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Literal
 
 # HF keys we model as fields, in the order HF writes them.
@@ -27,6 +28,11 @@ _HF_FIELDS = (
 )
 # Keys that HF accepts as aliases of ours.
 _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_local_experts": "n_routed_experts"}
+# Every config.json key that carries RoPE settings, in any transformers version.
+_ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor")
+# What transformers uses when a RoPE value is spelled nowhere: `default_theta` of its RoPE
+# mixin (not GLM-4.5's 1e6) and the partial_rotary_factor that Glm4MoeConfig sets itself.
+_HF_DEFAULT_ROPE = {"rope_theta": 10_000.0, "partial_rotary_factor": 0.5}
 
 MoeBackend = Literal["ragged_dot", "buckets", "dense"]
 AttentionBackend = Literal["einsum", "dot_product_attention"]
@@ -86,8 +92,8 @@ class GlmConfig:
     remat_policy: RematPolicy = "none"
 
     # ---- round-trip bookkeeping (not part of the architecture) ----
-    hf_rope_spelling: Literal["rope_parameters", "top_level"] = dataclasses.field(
-        default="rope_parameters", compare=False)
+    # The RoPE keys of the config.json read, as JSON (None: not read from one).
+    hf_rope_source: str | None = dataclasses.field(default=None, compare=False)
     hf_extra: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
     hf_null_fields: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
@@ -204,35 +210,12 @@ class GlmConfig:
                 "num_attention_heads", cls.num_attention_heads)
 
         null_fields = tuple(k for k in fields if fields[k] is None)
-        rope = hf.pop("rope_parameters", None)
-        if rope is None and hf.get("rope_scaling") is not None:  # the pre-5.0 spelling
-            rope = hf.pop("rope_scaling")
-        if rope is not None:
-            spelling = "rope_parameters"
-            rope = dict(rope)
-            rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-            if rope_type != "default":
-                raise ValueError(f"config rope_parameters.rope_type={rope_type!r}: only 'default' "
-                                 "RoPE is used by GLM-4.5")
-            # Keys inside rope_parameters win over stray top-level copies.
-            hf.pop("rope_theta", None)
-            hf.pop("partial_rotary_factor", None)
-        else:
-            spelling = "top_level"
-            rope = {}
-            for key in ("rope_theta", "partial_rotary_factor"):
-                if key in hf:
-                    rope[key] = hf.pop(key)
-        if "rope_theta" in rope:
-            fields["rope_theta"] = float(rope.pop("rope_theta"))
-        if "partial_rotary_factor" in rope:
-            fields["partial_rotary_factor"] = float(rope.pop("partial_rotary_factor"))
-        if rope:
-            raise ValueError(f"config rope_parameters has keys GLM-4.5 does not use: {sorted(rope)}")
+        rope_source = {k: hf.pop(k) for k in _ROPE_KEYS if k in hf}
+        fields.update(_resolve_rope(rope_source))
 
         extra = tuple((k, json.dumps(v)) for k, v in hf.items())
-        return cls(**{**fields, **overrides}, hf_rope_spelling=spelling, hf_extra=extra,
-                   hf_null_fields=null_fields)
+        return cls(**{**fields, **overrides}, hf_rope_source=json.dumps(rope_source),
+                   hf_extra=extra, hf_null_fields=null_fields)
 
     def to_hf(self) -> dict:
         """The `config.json` dict: every glm4_moe field, plus what `from_hf` carried along."""
@@ -244,14 +227,28 @@ class GlmConfig:
             if value is None and name not in self.hf_null_fields:
                 continue  # unset optional ids are left out, unless the source spelled them null
             out[name] = list(value) if isinstance(value, tuple) else value
-        if self.hf_rope_spelling == "rope_parameters":
-            out["rope_parameters"] = {"rope_theta": self.rope_theta,
-                                      "partial_rotary_factor": self.partial_rotary_factor,
-                                      "rope_type": "default"}
-        else:
-            out["rope_theta"] = self.rope_theta
-            out["partial_rotary_factor"] = self.partial_rotary_factor
+        out.update(self._rope_to_hf())
         return out
+
+    def _rope_to_hf(self) -> dict:
+        """The RoPE keys as read (or a `rope_parameters` dict); a value changed since then is
+        written at every place that spelled it, so no stale copy can win on reading."""
+        if self.hf_rope_source is None:
+            return {"rope_parameters": {"rope_theta": self.rope_theta,
+                                        "partial_rotary_factor": self.partial_rotary_factor,
+                                        "rope_type": "default"}}
+        source = json.loads(self.hf_rope_source)
+        read = _resolve_rope(source, warn=False)
+        rope = source.get("rope_scaling") or source.get("rope_parameters")
+        for key, value in (("rope_theta", self.rope_theta),
+                           ("partial_rotary_factor", self.partial_rotary_factor)):
+            if value == read[key]:
+                continue
+            places = [d for d in (source.get("rope_parameters"), source.get("rope_scaling"), source)
+                      if isinstance(d, dict) and key in d]
+            for place in places or [rope if rope else source]:
+                place[key] = value
+        return source
 
     @classmethod
     def from_dict(cls, values: dict) -> "GlmConfig":
@@ -265,3 +262,47 @@ class GlmConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.name.startswith("hf_")}
+
+
+def _resolve_rope(source: dict, *, warn: bool = True) -> dict[str, float]:
+    """rope_theta and partial_rotary_factor from a config.json's RoPE keys, read as
+    transformers 5 reads them (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict and
+    Glm4MoeConfig.__post_init__):
+    - the RoPE dict is `rope_scaling` (pre-5.0 name) if non-empty, else `rope_parameters`;
+    - a value inside the dict wins over the top-level key of the same name, which wins over
+      the default (rope_theta 10000, partial_rotary_factor 0.5);
+    - the dict's `rope_type` wins over its older `type`.
+    Raises ValueError on what cannot be resolved: a `rope_scaling` and a `rope_parameters`
+    that differ (transformers would silently drop the newer one), `type` and `rope_type`
+    that differ, a RoPE type other than default, unknown dict keys, a null value."""
+    scaling, params = source.get("rope_scaling"), source.get("rope_parameters")
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"config {name}={value!r}: must be a dict or null")
+    if scaling and params and scaling != params:
+        raise ValueError(f"config has both rope_parameters={params} and the older "
+                         f"rope_scaling={scaling}, and they differ; keep only rope_parameters")
+    rope = dict(scaling or params or {})
+    name = "rope_scaling" if scaling else "rope_parameters"
+    if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
+        raise ValueError(f"config {name} has type={rope['type']!r} and rope_type="
+                         f"{rope['rope_type']!r}; keep only rope_type")
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"config {name}.rope_type={rope_type!r}: only 'default' RoPE is used "
+                         "by GLM-4.5")
+    out = {}
+    for key, default in _HF_DEFAULT_ROPE.items():
+        if key in rope:
+            value = rope.pop(key)
+            if warn and key in source and source[key] != value:
+                warnings.warn(f"config {key}={source[key]} (top level) is ignored: {name}.{key}="
+                              f"{value} takes precedence, as in transformers", stacklevel=3)
+        else:
+            value = source.get(key, default)
+        if value is None:
+            raise ValueError(f"config {key} is null; give a number or leave the key out")
+        out[key] = float(value)
+    if rope:
+        raise ValueError(f"config {name} has keys GLM-4.5 does not use: {sorted(rope)}")
+    return out

@@ -1,7 +1,9 @@
-"""GlmConfig: exact HF round trip in both rope spellings, configs/ files, clear validation."""
+"""GlmConfig: exact HF round trip in every RoPE spelling, configs/ files, clear validation."""
 
+import copy
 import importlib
 import json
+import warnings
 
 import pytest
 import transformers
@@ -84,3 +86,93 @@ def test_unknown_rope_type_and_unknown_field_are_refused():
         GlmConfig.from_hf({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
     with pytest.raises(ValueError, match="num_expert"):
         GlmConfig.from_dict({"num_expert": 4})
+
+
+# Every way a config.json can spell the RoPE settings, with what transformers 5 reads from
+# it on head_dim 16: (rotary width, theta). The first three are mixes glm-jax once misread
+# (width 8 / theta 1e6); "absent" is transformers' own default theta, 10000.
+ROPE_SPELLINGS = {
+    "dict_theta_top_factor": ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000},
+                               "partial_rotary_factor": 0.25}, (4, 5000.0)),
+    "dict_factor_top_theta": ({"rope_parameters": {"rope_type": "default",
+                                                   "partial_rotary_factor": 0.25},
+                               "rope_theta": 5000}, (4, 5000.0)),
+    "pre5_scaling_type_top": ({"rope_scaling": {"type": "default"}, "rope_theta": 5000,
+                               "partial_rotary_factor": 0.25}, (4, 5000.0)),
+    "top_level": ({"rope_theta": 5000, "partial_rotary_factor": 0.25}, (4, 5000.0)),
+    "top_level_null_scaling": ({"rope_theta": 5000, "partial_rotary_factor": 0.25,
+                                "rope_scaling": None}, (4, 5000.0)),
+    "null_parameters_top": ({"rope_parameters": None, "rope_theta": 5000,
+                             "partial_rotary_factor": 0.25}, (4, 5000.0)),
+    "dict_full": ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000,
+                                       "partial_rotary_factor": 0.25}}, (4, 5000.0)),
+    "dict_no_type": ({"rope_parameters": {"rope_theta": 5000}}, (8, 5000.0)),
+    "pre5_scaling_full": ({"rope_scaling": {"rope_type": "default", "rope_theta": 5000,
+                                            "partial_rotary_factor": 0.25}}, (4, 5000.0)),
+    "empty_scaling_and_dict": ({"rope_scaling": {}, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 5000}}, (8, 5000.0)),
+    "same_scaling_and_dict": ({"rope_scaling": {"rope_type": "default", "rope_theta": 5000},
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 5000}},
+                              (8, 5000.0)),
+    "dict_wins_over_top": ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000,
+                                                "partial_rotary_factor": 0.25},
+                            "rope_theta": 7000, "partial_rotary_factor": 1.0}, (4, 5000.0)),
+    "factor_only": ({"partial_rotary_factor": 0.25}, (4, 10000.0)),
+    "dict_factor_only": ({"rope_parameters": {"rope_type": "default",
+                                              "partial_rotary_factor": 0.25}}, (4, 10000.0)),
+    "absent": ({}, (8, 10000.0)),
+}
+SMALL = {"model_type": "glm4_moe", "hidden_size": 64, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16}
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor")
+
+
+def _transformers_rope(hf: dict) -> tuple[int, float]:
+    ref = transformers.Glm4MoeConfig.from_dict(copy.deepcopy(hf))
+    rope = ref.rope_parameters
+    return int(ref.head_dim * rope["partial_rotary_factor"]), float(rope["rope_theta"])
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_SPELLINGS))
+def test_rope_spelling_read_as_transformers_reads_it(name):
+    spelling, expected = ROPE_SPELLINGS[name]
+    hf = {**SMALL, **copy.deepcopy(spelling)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dict_wins_over_top warns, as it should
+        config = GlmConfig.from_hf(hf)
+    assert (config.rotary_dim, config.rope_theta) == expected == _transformers_rope(hf)
+    # Written back in the spelling read, and read back to the same values by both.
+    out = config.to_hf()
+    assert {k: out.get(k, "absent") for k in ROPE_KEYS} == {k: hf.get(k, "absent")
+                                                             for k in ROPE_KEYS}
+    assert _transformers_rope(out) == expected
+    assert GlmConfig.from_hf(out) == config
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_SPELLINGS))
+def test_changed_rope_values_are_written_where_they_are_read(name):
+    config = GlmConfig.from_hf({**SMALL, **copy.deepcopy(ROPE_SPELLINGS[name][0])},
+                               rope_theta=2000.0, partial_rotary_factor=0.5)
+    assert _transformers_rope(config.to_hf()) == (8, 2000.0)
+    assert GlmConfig.from_hf(config.to_hf()) == config
+
+
+def test_ignored_top_level_rope_value_warns():
+    with pytest.warns(UserWarning, match=r"rope_theta=7000 \(top level\) is ignored"):
+        GlmConfig.from_hf({**SMALL, **ROPE_SPELLINGS["dict_wins_over_top"][0]})
+
+
+@pytest.mark.parametrize("rope,match", [
+    # transformers would take rope_scaling and silently drop the newer rope_parameters.
+    ({"rope_scaling": {"type": "default"},
+      "rope_parameters": {"rope_type": "default", "rope_theta": 5000}}, "both rope_parameters"),
+    ({"rope_parameters": {"rope_type": "default", "type": "yarn"}}, "type='yarn' and rope_type"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_theta is null"),
+    ({"rope_theta": None}, "rope_theta is null"),
+    ({"rope_parameters": {"rope_type": "default", "factor": 2.0}}, "does not use: \\['factor'\\]"),
+    ({"rope_parameters": [1e6]}, "must be a dict"),
+])
+def test_unresolvable_rope_settings_are_refused(rope, match):
+    with pytest.raises(ValueError, match=match):
+        GlmConfig.from_hf({**SMALL, **rope})

@@ -80,3 +80,34 @@ def test_mtp_logits_equal_transformers_mtp_model():
     assert np.abs(np.asarray(out.logits) - main.logits.numpy()).max() <= 1e-4
     assert np.abs(np.asarray(out.mtp_logits[0]) - ref).max() <= 1e-4
     assert np.asarray(out.mtp_expert_counts).sum() == ids.size * config.num_experts_per_tok
+
+
+# The config.json RoPE mixes that glm-jax once misread (rotary width 8 instead of 4, theta
+# 1e6 instead of 5000): logits off by up to 1.1. Real GLM-4.5 values equal the old defaults.
+MIXED_ROPE = {
+    "dict_theta_top_factor": {"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+                              "partial_rotary_factor": 0.25},
+    "dict_factor_top_theta": {"rope_parameters": {"rope_type": "default",
+                                                  "partial_rotary_factor": 0.25},
+                              "rope_theta": 5000.0},
+    "pre5_scaling_type_top": {"rope_parameters": None, "rope_scaling": {"type": "default"},
+                              "rope_theta": 5000.0, "partial_rotary_factor": 0.25},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_ROPE))
+def test_mixed_rope_spellings_give_transformers_logits(name):
+    from hf_reference import BASE
+
+    from glm_jax import GlmConfig
+    spelling = dict(MIXED_ROPE[name], head_dim=16, num_hidden_layers=2)
+    hf = hf_model(seed=5, **spelling)
+    ids = _ids(5, length=16)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    # Read from the config.json spelling itself, not transformers' standardized copy.
+    config_json = {k: v for k, v in {**BASE, **spelling}.items() if v is not None}
+    config = GlmConfig.from_hf(config_json, num_nextn_predict_layers=0)
+    assert (config.rotary_dim, config.rope_theta) == (4, 5000.0)
+    model = from_hf_state_dict(hub_state_dict(hf), config)
+    assert np.abs(np.asarray(_forward(model, jnp.asarray(ids)).logits) - ref).max() <= 1e-4
