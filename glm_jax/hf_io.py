@@ -18,7 +18,8 @@ from glm_jax.config import GlmConfig
 from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
 from glm_jax.model.transformer import GlmForCausalLM
 
-# Kept in float32 whatever dtype is asked for (HF keeps them so; pitfall 9).
+# Cast to float32, not to an asked-for lower dtype: the router's choices are sensitive to
+# rounding. Without a dtype they keep the hub's dtype (the router computes in float32).
 _FLOAT32_LEAVES = ("router_kernel", "correction_bias")
 
 
@@ -89,7 +90,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: GlmConfig, 
                        ) -> GlmForCausalLM:
     """Build the model from hub-layout tensors (per-expert, MTP at layer num_hidden_layers).
 
-    dtype None keeps each tensor's dtype (a bit-exact round trip); otherwise floating
+    dtype None keeps each tensor's dtype, the router's included (a bit-exact round trip:
+    `to_hf_state_dict` gives back every tensor in its source dtype); otherwise floating
     tensors are cast to `dtype`, except the router weight and correction bias (float32).
     With a mesh, every parameter is placed by the logical-axis rules of `sharding.rules`."""
     model = abstract_model(config)
@@ -100,10 +102,9 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: GlmConfig, 
     for leaf in leaves:
         expected = tuple(get_path(pure, leaf.path).shape)
         value = leaf_from_hf(leaf, state_dict, expected)
-        if leaf.path[-1] in _FLOAT32_LEAVES:
-            value = value.astype(np.float32)
-        elif dtype is not None:
-            value = value.astype(jnp.dtype(dtype))
+        if dtype is not None:
+            value = value.astype(np.float32 if leaf.path[-1] in _FLOAT32_LEAVES
+                                 else jnp.dtype(dtype))
         set_path(pure, leaf.path, value)
         used.update(leaf.names.reshape(-1))
     unexpected = sorted(set(state_dict) - used)

@@ -124,6 +124,28 @@ def test_bfloat16_round_trip_and_mtp_copies():
         from_hf_state_dict(bad, TINY)
 
 
+@pytest.mark.parametrize("mix", ["float32", "bfloat16", "bfloat16_f32_bias", "float16"])
+def test_hub_round_trip_keeps_every_dtype(mix):
+    """A hub checkpoint comes back bit-exact in its own dtypes, the router included
+    (GLM-4.5's hub files: bfloat16 with a float32 e_score_correction_bias)."""
+    low = {"bfloat16_f32_bias": "bfloat16"}.get(mix, mix)
+    sd = {k: v.astype(jnp.dtype(low)) for k, v in to_hf_state_dict(_model()).items()}
+    if mix == "bfloat16_f32_bias":
+        sd = {k: v.astype(np.float32) if k.endswith("e_score_correction_bias") else v
+              for k, v in sd.items()}
+    model = from_hf_state_dict(sd, TINY)
+    back = to_hf_state_dict(model)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and np.array_equal(back[k], sd[k]), k
+    assert np.isfinite(np.asarray(_forward(model, _ids((1, 8))).logits, np.float32)).all()
+    # Asking for a dtype casts the weights but keeps the router in float32.
+    cast = to_hf_state_dict(from_hf_state_dict(sd, TINY, dtype="bfloat16"))
+    assert cast["model.layers.1.mlp.gate.weight"].dtype == np.float32
+    assert cast["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32
+    assert cast["model.layers.1.self_attn.q_proj.weight"].dtype == jnp.bfloat16
+
+
 def test_bfloat16_forward_stays_close_to_float32():
     sd = to_hf_state_dict(_model())
     ids = _ids((2, 16))
