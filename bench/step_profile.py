@@ -58,7 +58,7 @@ def main() -> None:
 
     def head_loss(m, x, ids):
         targets, valid = shifted_targets(ids, jnp.ones_like(ids), 1)
-        return cross_entropy(m.lm_head(m.final_norm(x)), targets, valid)[0]
+        return cross_entropy(m.head(m.final_norm(x)), targets, valid)[0]
 
     params = nnx.state(model, nnx.Param)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))

@@ -165,8 +165,6 @@ class GlmConfig:
             fail("rope_theta", "must be positive")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", "must be positive")
-        if self.tie_word_embeddings:
-            fail("tie_word_embeddings", "GLM-4.5 has an untied lm_head; tied heads are not supported")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             fail("dtype", "must be float32, bfloat16 or float16")
         if self.param_dtype not in ("float32", "bfloat16", "float16"):

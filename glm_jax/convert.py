@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from glm_jax import orbax_stream
 from glm_jax.config import GlmConfig
-from glm_jax.hf_io import abstract_model, check_mtp_copies, get_path, hf_shape, leaf_from_hf, set_path
-from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
+from glm_jax.hf_io import abstract_model, check_copies, get_path, hf_shape, leaf_from_hf, set_path
+from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names, tied_copy_names
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.safetensors_io import (CONFIG_FILE, FLOAT_DTYPES, INDEX_FILE, ConversionError, HubFolder,
                                     ShardWriter, parse_size, plan_shards, shard_names)
@@ -163,7 +163,7 @@ def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_L
             out = src if dtype is None else np.dtype(
                 "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
             plans.append(_LeafPlan(leaf, shape, src, out))
-    for copy, main in mtp_copy_names(config).items():
+    for copy, main in {**mtp_copy_names(config), **tied_copy_names(config)}.items():
         if copy in hub.tensors and main in hub.tensors:
             used.add(copy)
             a, b = hub.tensors[copy], hub.tensors[main]
@@ -204,7 +204,7 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     config = GlmConfig.from_hf(hub.config_json)
     plans = plan_to_jax(hub, config, dtype)
     try:
-        check_mtp_copies(hub, config)  # reads the two copies (memory-mapped) and compares
+        check_copies(hub, config)  # reads the copies (memory-mapped) and compares
     except ValueError as e:
         raise ConversionError(f"{hub.path}: {e}") from e
     total = sum(hub.tensors[n].nbytes for p in plans for n in p.leaf.names.reshape(-1))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from glm_jax.config import GlmConfig
-from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
+from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names, tied_copy_names
 from glm_jax.model.transformer import GlmForCausalLM
 
 # Cast to float32, not to an asked-for lower dtype: the router's choices are sensitive to
@@ -72,8 +72,9 @@ def leaf_to_hf(leaf: LeafMap, value: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def check_mtp_copies(tensors: Mapping[str, np.ndarray], config: GlmConfig) -> set[str]:
-    """The MTP layer's embedding / head copies must equal the main ones. Returns their names."""
+def check_copies(tensors: Mapping[str, np.ndarray], config: GlmConfig) -> set[str]:
+    """The MTP layer's embedding / head copies, and a tied model's `lm_head.weight`, must
+    equal the tensor they copy. Returns the names of those present."""
     seen = set()
     for copy, main in mtp_copy_names(config).items():
         if copy in tensors:
@@ -81,6 +82,14 @@ def check_mtp_copies(tensors: Mapping[str, np.ndarray], config: GlmConfig) -> se
                                                       np.asarray(tensors[main])):
                 raise ValueError(f"tensor {copy!r} differs from {main!r}; glm-jax shares one "
                                  "embedding and head between the main model and MTP")
+            seen.add(copy)
+    for copy, main in tied_copy_names(config).items():
+        if copy in tensors:
+            # transformers unties a differing head with a warning; here the config is the truth.
+            if main in tensors and not np.array_equal(np.asarray(tensors[copy]),
+                                                      np.asarray(tensors[main])):
+                raise ValueError(f"tensor {copy!r} differs from {main!r} but config.json has "
+                                 "tie_word_embeddings=true; set it to false to load an untied head")
             seen.add(copy)
     return seen
 
@@ -98,7 +107,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: GlmConfig, 
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     leaves = leaf_map(config)
-    used = check_mtp_copies(state_dict, config)
+    used = check_copies(state_dict, config)
     for leaf in leaves:
         expected = tuple(get_path(pure, leaf.path).shape)
         value = leaf_from_hf(leaf, state_dict, expected)
@@ -121,7 +130,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: GlmConfig, 
 
 def to_hf_state_dict(model: GlmForCausalLM) -> dict[str, np.ndarray]:
     """The inverse of `from_hf_state_dict`: hub names, [out, in] weights, per-expert tensors,
-    the MTP layer at index num_hidden_layers (without the embedding / head copies)."""
+    the MTP layer at index num_hidden_layers (without the embedding / head copies); with
+    tie_word_embeddings no `lm_head.weight`, as transformers' save_pretrained."""
     pure = nnx.to_pure_dict(nnx.state(model))
     out: dict[str, np.ndarray] = {}
     for leaf in leaf_map(model.config):

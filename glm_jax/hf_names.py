@@ -57,6 +57,7 @@ _MTP_EXTRA = [
 # (GLM-4.6 dropped them). Checked equal to the main tensors, never duplicated.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight",
                      "shared_head.head.weight": "lm_head.weight"}
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _layer_entries(config: GlmConfig, moe: bool) -> list[tuple[Path, str, bool]]:
@@ -96,8 +97,9 @@ def leaf_map(config: GlmConfig) -> list[LeafMap]:
     out = [
         LeafMap(("embed",), scalar("model.embed_tokens.weight"), False),
         LeafMap(("final_norm", "scale"), scalar("model.norm.weight"), False),
-        LeafMap(("lm_head", "kernel"), scalar("lm_head.weight"), True),
     ]
+    if not config.tie_word_embeddings:  # tied: the head is the embedding, no tensor of its own
+        out.append(LeafMap(("lm_head", "kernel"), scalar(HEAD), True))
     nd, nl = config.num_dense_layers, config.num_hidden_layers
     out += _stack(("dense_layers", "layers"), range(0, nd), config, moe=False) if nd else []
     out += _stack(("moe_layers", "layers"), range(nd, nl), config, moe=True) if nl > nd else []
@@ -112,7 +114,20 @@ def leaf_map(config: GlmConfig) -> list[LeafMap]:
     return out
 
 
+def head_name(config: GlmConfig) -> str:
+    """The hub tensor that holds the output head: the embedding when tied."""
+    return EMBED if config.tie_word_embeddings else HEAD
+
+
 def mtp_copy_names(config: GlmConfig) -> dict[str, str]:
     """Hub names of the MTP layers' embedding / head copies -> the main tensor they copy."""
-    return {f"model.layers.{config.num_hidden_layers + d}.{k}": v
-            for d in range(config.num_mtp_layers) for k, v in MTP_SHARED_COPIES.items()}
+    main = {"embed_tokens.weight": EMBED, "shared_head.head.weight": head_name(config)}
+    return {f"model.layers.{config.num_hidden_layers + d}.{k}": main[k]
+            for d in range(config.num_mtp_layers) for k in MTP_SHARED_COPIES}
+
+
+def tied_copy_names(config: GlmConfig) -> dict[str, str]:
+    """With tie_word_embeddings, `lm_head.weight` is an optional copy of the embedding:
+    transformers' save_pretrained leaves it out, other writers keep it. Read when present
+    (it must equal the embedding), never written."""
+    return {HEAD: EMBED} if config.tie_word_embeddings else {}

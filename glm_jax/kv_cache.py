@@ -76,7 +76,7 @@ def forward_cached(model: GlmForCausalLM, input_ids: jax.Array, cache: KVCache,
         x, *moe = model.moe_layers.cached(x, cos, sin, mask, *cache.moe, index)
     hidden = model.final_norm(x)
     cache = cache.replace(dense=tuple(dense) if dense else None, moe=tuple(moe) if moe else None)
-    return model.lm_head(hidden), hidden, cache
+    return model.head(hidden), hidden, cache
 
 
 def mtp_cached(model: GlmForCausalLM, next_ids: jax.Array, hidden: jax.Array,
@@ -92,4 +92,4 @@ def mtp_cached(model: GlmForCausalLM, next_ids: jax.Array, hidden: jax.Array,
     mask = cache_mask(index, t, cache.max_len)
     h, k, v = model.mtp_layers[0].cached(model.embed_tokens(next_ids), hidden, cos, sin, mask,
                                          *cache.mtp[0], index)
-    return model.lm_head(h), cache.replace(mtp=((k, v),) + tuple(cache.mtp[1:]))
+    return model.head(h), cache.replace(mtp=((k, v),) + tuple(cache.mtp[1:]))

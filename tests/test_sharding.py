@@ -141,6 +141,28 @@ def test_non_expert_weights_sharded_over_expert_too(reference, monkeypatch, spec
     np.testing.assert_array_equal(s_counts, counts)
 
 
+@pytest.mark.parametrize("spec", ["fsdp=2,expert=2,tensor=2"])
+def test_tied_embeddings_sharded_equal_single_device(spec):
+    """tie_word_embeddings: the table [vocab, embed] is both the lookup and the head; sharded
+    over tensor (vocab) and fsdp (embed), logits and gradients equal the single device's."""
+    model = GlmForCausalLM(tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
+    assert model.lm_head is None
+    ids = jax.random.randint(jax.random.key(1), (B, T), 0, model.config.vocab_size)
+    fn, args = logits_and_grads(model, ids)
+    logits, mtp, _, _, grads = jax.device_get(fn(*args))
+    mesh = make_mesh(parse_mesh(spec))
+    sharded = rules.shard_model(nnx.clone(model), mesh)
+    assert tuple(sharded.embed.get_value().sharding.spec) == ("tensor", "fsdp")
+    fn, (params, rest, _) = logits_and_grads(sharded, ids)
+    with jax.set_mesh(mesh):
+        ids_s = jax.device_put(ids, jax.sharding.NamedSharding(
+            mesh, rules.partition_spec(("batch", "seq"), mesh, ids.shape)))
+        s_logits, s_mtp, _, _, s_grads = jax.device_get(fn(params, rest, ids_s))
+    assert _max_diff(s_logits, logits) <= 1e-4
+    assert _max_diff(s_mtp, mtp) <= 1e-4
+    assert _max_diff(s_grads, grads) <= 1e-4
+
+
 def _ep_call(x, idx, weights, ws, mesh, capacity_factor=None):
     with jax.set_mesh(mesh):
         return jax.jit(lambda *a: expert_parallel_ffn(

@@ -1,4 +1,5 @@
-"""The causal LM: embedding, dense-prefix stack, MoE stack, final norm, head, MTP layers."""
+"""The causal LM: embedding, dense-prefix stack, MoE stack, final norm, head (its own, or
+the embedding with tie_word_embeddings), MTP layers."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ class GlmForCausalLM(nnx.Module):
             self.moe_layers = (LayerStack(config, config.num_moe_layers, moe=True, rngs=rngs)
                                if config.num_moe_layers else None)
             self.final_norm = RMSNorm(h, config.rms_norm_eps, axis_name="embed", param_dtype=pd)
-            self.lm_head = Linear(h, config.vocab_size, ("embed", "vocab"), use_bias=False,
-                                  std=std, dtype=config.dtype, param_dtype=pd, rngs=rngs)
+            # tie_word_embeddings: no head of its own; `head` reads the embedding table.
+            self.lm_head = None if config.tie_word_embeddings else Linear(
+                h, config.vocab_size, ("embed", "vocab"), use_bias=False, std=std,
+                dtype=config.dtype, param_dtype=pd, rngs=rngs)
             self.mtp_layers = nnx.List([MtpLayer(config, rngs=rngs)
                                         for _ in range(config.num_mtp_layers)])
         self.config = config
@@ -52,6 +55,16 @@ class GlmForCausalLM(nnx.Module):
         table = constrain(self.embed[...], ("vocab", None))
         x = jnp.take(table, ids, axis=0).astype(self.config.dtype)
         return constrain(x, RESIDUAL_AXES)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits [B, T, vocab] in the activation dtype from hidden states [B, T, H] after a
+        final norm: the lm_head, or with tie_word_embeddings the embedding table [vocab, H]
+        transposed (transformers' lm_head.weight is then embed_tokens.weight itself)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        # Gathered along `embed` before the dot, as Linear does with its kernel.
+        table = constrain(self.embed[...], ("vocab", None)).astype(self.config.dtype)
+        return jnp.dot(hidden.astype(self.config.dtype), table.T)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> CausalLMOutput:
@@ -77,7 +90,7 @@ class GlmForCausalLM(nnx.Module):
             expert_counts, dropped = aux["counts"], aux["dropped"].sum()
         with jax.named_scope("lm_head"):
             hidden = self.final_norm(x)
-            logits = self.lm_head(hidden)
+            logits = self.head(hidden)
 
         mtp_logits, mtp_counts, h = [], [], hidden
         for depth, layer in enumerate(self.mtp_layers, start=1):
@@ -86,7 +99,7 @@ class GlmForCausalLM(nnx.Module):
             with jax.named_scope("mtp"):
                 h, aux = layer(shift_left(embeds, depth), h, cos, sin, mask)
             with jax.named_scope("lm_head"):
-                mtp_logits.append(self.lm_head(h))
+                mtp_logits.append(self.head(h))
             mtp_counts.append(aux["counts"])
             dropped = dropped + aux["dropped"]
         return CausalLMOutput(

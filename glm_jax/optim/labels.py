@@ -7,7 +7,7 @@ row is an error: a new parameter must be placed deliberately, never by a default
 | pattern                          | what                                   | optimizer | matrix axes (in, out) | decay |
 |----------------------------------|----------------------------------------|-----------|-----------------------|-------|
 | `*correction_bias`               | router selection bias (RouterBias)     | refused   | -                     | -     |
-| `embed`                          | token embedding [V, H]                 | adamw     | -                     | no    |
+| `embed`                          | token embedding [V, H] (+ tied head)   | adamw     | -                     | no    |
 | `lm_head.kernel`                 | output head [H, V]                     | adamw     | -                     | yes   |
 | `*.scale`                        | RMSNorm gains (all norms, QK-norm)     | adamw     | -                     | no    |
 | `*.bias`                         | q/k/v biases                           | adamw     | -                     | no    |
