@@ -1,5 +1,6 @@
 """Generation (issue 8): KV-cache decoding equals transformers' greedy `generate` and a full
-recomputation; MTP speculation changes nothing in the greedy output; ragged batches; EOS.
+recomputation; MTP speculation changes nothing in the greedy output; ragged batches, padded
+batches with an attention mask (left and right padding); EOS.
 
 Every test shares one tiny model and batch shape [2, 7], so the jitted prefill / decode /
 speculative programs compile once for the whole file."""
@@ -20,6 +21,14 @@ from hf_reference import glm_config, hf_model, hf_mtp_model, hub_state_dict, mtp
 NEW = 12
 PROMPTS = np.random.RandomState(0).randint(0, 97, (2, 7))
 RAGGED = [PROMPTS[0], PROMPTS[1, :4]]
+# Padded layouts of [PROMPTS[0], SHORT] with the pad id 0, which SHORT also holds as a real
+# token: only the attention mask tells them apart.
+PAD = 0
+SHORT = np.r_[PROMPTS[1, :2], PAD, PROMPTS[1, 3:4]]
+LEFT = np.stack([PROMPTS[0], np.r_[[PAD] * 3, SHORT]])
+LEFT_MASK = np.stack([np.ones(7, np.int64), np.r_[[0] * 3, [1] * 4]])
+RIGHT = np.stack([PROMPTS[0], np.r_[SHORT, [PAD] * 3]])
+RIGHT_MASK = LEFT_MASK[:, ::-1].copy()
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +63,17 @@ def repeat_drafter(model):
     return m
 
 
-def _hf_greedy(hf, ids: np.ndarray, new: int = NEW) -> np.ndarray:
+def _hf_greedy(hf, ids: np.ndarray, mask: np.ndarray | None = None, new: int = NEW
+               ) -> np.ndarray:
+    """transformers' greedy tokens. The mask is always passed (all ones by default): without
+    it, transformers would take every real token equal to pad_token_id for padding."""
+    ids = np.atleast_2d(ids)
+    mask = np.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        out = hf.generate(torch.tensor(np.atleast_2d(ids)), max_new_tokens=new,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, np.shape(np.atleast_2d(ids))[1]:].numpy()
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=new, do_sample=False, eos_token_id=None,
+                          pad_token_id=PAD)
+    return out[:, ids.shape[1]:].numpy()
 
 
 def test_greedy_equals_transformers(hf, model):
@@ -75,6 +90,29 @@ def test_ragged_batch_equals_each_prompt_alone(hf, model):
     out = glm_jax.generate(model, RAGGED, max_new_tokens=NEW)
     for b, prompt in enumerate(RAGGED):
         np.testing.assert_array_equal(out.tokens[b], _hf_greedy(hf, prompt)[0])
+
+
+@pytest.mark.parametrize("ids,mask", [(LEFT, LEFT_MASK), (RIGHT, RIGHT_MASK)],
+                         ids=["left", "right"])
+def test_padded_batch_with_mask_equals_transformers(hf, model, ids, mask):
+    """Left padding: transformers' tokens for the same ids and mask. Right padding: the
+    same tokens, i.e. each prompt alone (transformers itself continues a right-padded row
+    from its last pad, and warns that the result is wrong)."""
+    out = glm_jax.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, pad_id=PAD)
+    want = _hf_greedy(hf, LEFT, LEFT_MASK)
+    np.testing.assert_array_equal(out.tokens, want)
+    np.testing.assert_array_equal(want[1], _hf_greedy(hf, SHORT)[0])
+    # The real 0 token in SHORT is a token: dropping it changes the continuation.
+    assert not np.array_equal(want[1], _hf_greedy(hf, SHORT[SHORT != PAD])[0])
+
+
+def test_pad_id_in_an_unmasked_array_warns(model, recwarn):
+    with pytest.warns(UserWarning, match="pad id 0 but no attention_mask"):
+        glm_jax.generate(model, RIGHT, max_new_tokens=1, pad_id=PAD)
+    recwarn.clear()
+    glm_jax.generate(model, RIGHT, attention_mask=RIGHT_MASK, max_new_tokens=1, pad_id=PAD)
+    glm_jax.generate(model, RAGGED, max_new_tokens=1, pad_id=PAD)
+    assert not [w for w in recwarn if "attention_mask" in str(w.message)]
 
 
 @nnx.jit
@@ -167,6 +205,12 @@ def test_bad_arguments(model):
         glm_jax.generate(model, PROMPTS, max_new_tokens=2, speculative="medusa")
     with pytest.raises(ValueError, match="empty prompt"):
         glm_jax.generate(model, [PROMPTS[0], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        glm_jax.generate(model, PROMPTS, attention_mask=LEFT_MASK * [[1], [0]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 6\]"):
+        glm_jax.generate(model, PROMPTS, attention_mask=LEFT_MASK[:, 1:], max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must hold only 1"):
+        glm_jax.generate(model, PROMPTS, attention_mask=2 * LEFT_MASK, max_new_tokens=2)
     with pytest.raises(ValueError, match="vocab|token ids"):
         glm_jax.generate(model, [[1, 2, 500]], max_new_tokens=2)
     no_mtp = nnx.eval_shape(lambda: glm_jax.GlmForCausalLM(

@@ -4,9 +4,12 @@
                            eos_ids=(256,), speculative="mtp")
     out.tokens[b, :out.lengths[b]], out.acceptance_rate
 
-Prompts of different lengths are RIGHT-padded into one batch; every row keeps its own write
-index into a preallocated KV cache (glm_jax.kv_cache), so RoPE positions are those of an
-unpadded run. One jitted prefill, then one jitted decode step per call shape (1 token per
+Prompts of different lengths come as a list of token lists, or as a padded [B, T] array with
+its `attention_mask` (1 = token, 0 = padding; left, right or anywhere, as a tokenizer gives
+it). Either way each row's tokens are packed to the left of one internal batch; every row
+keeps its own write index into a preallocated KV cache (glm_jax.kv_cache), so RoPE
+positions are those of an unpadded run: the tokens transformers' `generate` gives for the
+same ids and mask (left padding; for right padding, what it gives for each prompt alone). One jitted prefill, then one jitted decode step per call shape (1 token per
 step, or 2 with MTP), reused for every token: nothing recompiles per token.
 
 MTP speculation: the MTP layer drafts token p+1 from the main model's hidden state at p-1
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -169,11 +173,28 @@ def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key,
     return _pin((x0, x1, accepted, new_draft.astype(jnp.int32), cache), placement)
 
 
-def _as_batch(input_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A 2-D array, or a list of 1-D token sequences of any lengths -> (right-padded [B, T]
-    int32, lengths [B])."""
-    if isinstance(input_ids, (np.ndarray, jax.Array)) and np.ndim(input_ids) == 2:
+def _as_batch(input_ids, pad_id: int, attention_mask=None, known_pad: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D array (with its attention mask, if padded), or a list of 1-D token sequences
+    of any lengths -> (right-padded [B, T] int32, lengths [B])."""
+    if attention_mask is not None:
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}; it must be the "
+                             f"[B, T] shape of input_ids, {list(ids.shape)}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
+        # Masked slots are dropped wherever they are: transformers numbers positions by the
+        # cumulative sum of the mask and hides masked keys, which is the same as their absence.
+        rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
+    elif isinstance(input_ids, (np.ndarray, jax.Array)) and np.ndim(input_ids) == 2:
         rows = list(np.asarray(input_ids))
+        if known_pad is not None and (np.asarray(input_ids) == known_pad).any():
+            warnings.warn(
+                f"input_ids contains the pad id {known_pad} but no attention_mask was given: "
+                "every token counts as prompt, padding included; pass attention_mask (1 = "
+                "token, 0 = padding), e.g. the tokenizer's, or a list of unpadded prompts",
+                stacklevel=3)
     elif isinstance(input_ids, Sequence) and input_ids and all(
             np.ndim(r) == 1 for r in input_ids):
         rows = [np.asarray(r) for r in input_ids]
@@ -194,12 +215,15 @@ def _as_batch(input_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
              eos_ids: Sequence[int] = (), seed: int = 0, speculative: str = "none",
-             pad_id: int | None = None,
+             pad_id: int | None = None, attention_mask=None,
              on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
     """Continue every prompt by up to `max_new_tokens` tokens; a row stops at any of
     `eos_ids` (the EOS is kept in its output). input_ids: [B, T] or a list of token lists of
-    different lengths. speculative: "none", or "mtp" (needs num_nextn_predict_layers >= 1).
-    pad_id fills the output past each row's length (default: the config's pad token, or 0).
+    different lengths. attention_mask: [B, T] of 1 (token) / 0 (padding) for a padded
+    input_ids, as from a tokenizer; without it every entry of a [B, T] array is a prompt
+    token (a warning says so when it holds the pad id). speculative: "none", or "mtp"
+    (needs num_nextn_predict_layers >= 1). pad_id: the padding id (default: the config's
+    pad token); it also fills the output past each row's length (0 if neither is set).
     on_tokens, if given, is called after every step with each row's new tokens."""
     cfg = model.config
     if speculative not in ("none", "mtp"):
@@ -213,9 +237,9 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
                                                   0 < top_k <= cfg.vocab_size):
         raise ValueError(f"temperature={temperature}, top_p={top_p}, top_k={top_k}: need "
                          f"temperature >= 0, 0 < top_p <= 1, 0 < top_k <= vocab_size")
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    prompt, lengths = _as_batch(input_ids, pad_id)
+    known_pad = pad_id if pad_id is not None else cfg.pad_token_id
+    pad_id = known_pad if known_pad is not None else 0
+    prompt, lengths = _as_batch(input_ids, pad_id, attention_mask, known_pad)
     if prompt.max() >= cfg.vocab_size or prompt.min() < 0:
         raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
     mtp = speculative == "mtp"
