@@ -133,13 +133,15 @@ def _transformers_rope(hf: dict) -> tuple[int, float]:
     return int(ref.head_dim * rope["partial_rotary_factor"]), float(rope["rope_theta"])
 
 
+IGNORED_TOP_LEVEL = "ignore:config .* is ignored:UserWarning"  # dict_wins_over_top, by design
+
+
+@pytest.mark.filterwarnings(IGNORED_TOP_LEVEL)
 @pytest.mark.parametrize("name", sorted(ROPE_SPELLINGS))
 def test_rope_spelling_read_as_transformers_reads_it(name):
     spelling, expected = ROPE_SPELLINGS[name]
     hf = {**SMALL, **copy.deepcopy(spelling)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # dict_wins_over_top warns, as it should
-        config = GlmConfig.from_hf(hf)
+    config = GlmConfig.from_hf(hf)
     assert (config.rotary_dim, config.rope_theta) == expected == _transformers_rope(hf)
     # Written back in the spelling read, and read back to the same values by both.
     out = config.to_hf()
@@ -149,6 +151,7 @@ def test_rope_spelling_read_as_transformers_reads_it(name):
     assert GlmConfig.from_hf(out) == config
 
 
+@pytest.mark.filterwarnings(IGNORED_TOP_LEVEL)
 @pytest.mark.parametrize("name", sorted(ROPE_SPELLINGS))
 def test_changed_rope_values_are_written_where_they_are_read(name):
     config = GlmConfig.from_hf({**SMALL, **copy.deepcopy(ROPE_SPELLINGS[name][0])},
@@ -158,8 +161,11 @@ def test_changed_rope_values_are_written_where_they_are_read(name):
 
 
 def test_ignored_top_level_rope_value_warns():
-    with pytest.warns(UserWarning, match=r"rope_theta=7000 \(top level\) is ignored"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         GlmConfig.from_hf({**SMALL, **ROPE_SPELLINGS["dict_wins_over_top"][0]})
+    assert sorted(str(w.message).split(" (")[0] for w in caught) == [
+        "config partial_rotary_factor=1.0", "config rope_theta=7000"]
 
 
 @pytest.mark.parametrize("rope,match", [
