@@ -1,0 +1,89 @@
+"""SFT data: conversations -> token ids + per-token loss weights -> a `Corpus` that
+`glm_jax.train.data.make_dataset(..., whole_documents=True)` packs like pretraining data.
+
+A conversations file is JSONL, one conversation per line:
+
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...,
+                   "reasoning_content": ..., "tool_calls": [...]}, ...],
+     "tools": [...]}                                    (optional; other keys are ignored)
+
+Each conversation is rendered in GLM-4.5's format (`glm_jax.chat.render`) and tokenized;
+its loss weight is 1 on what the model writes (reasoning, content, tool calls and the
+end-of-turn token of every assistant turn) and 0 on everything else (system, user, tool
+results, role tokens). A malformed record fails with `file:line: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from glm_jax.chat.render import ChatFormatError, render
+from glm_jax.chat.tokens import ChatTokenizer, tokenize
+from glm_jax.train.data import Corpus
+
+
+def read_conversations(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (`path:line`, record) for every non-blank line of a JSONL file."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot open the conversations file ({e.strerror})"
+                                ) from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+                                 ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise ValueError(f"{where}: a record must be an object with a \"messages\" "
+                                 "list")
+            yield where, record
+
+
+def encode_conversation(record: Mapping[str, Any], tokenizer: ChatTokenizer,
+                        where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N] int32, loss_mask [N] uint8) of one record; errors are prefixed by `where`."""
+    try:
+        rendered = render(record["messages"], record.get("tools"), for_training=True)
+    except ChatFormatError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return tokenize(rendered, tokenizer)
+
+
+def conversation_corpus(records: Iterable[tuple[str, Mapping[str, Any]]],
+                        tokenizer: ChatTokenizer, description: str) -> Corpus:
+    """Tokenize (where, record) pairs into one Corpus with per-token loss weights."""
+    ids, masks, starts, offset = [], [], [], 0
+    for where, record in records:
+        tokens, mask = encode_conversation(record, tokenizer, where)
+        starts.append(offset)
+        ids.append(tokens)
+        masks.append(mask)
+        offset += tokens.size
+    if not ids:
+        raise ValueError(f"{description}: no conversations")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32
+    tokens = np.concatenate(ids).astype(dtype)
+    weights = np.concatenate(masks).astype(np.float32)
+    return Corpus(tokens, np.asarray(starts, np.int64), tokenizer.vocab_size,
+                  f"{description}: {len(ids)} conversations, {tokens.size} tokens, "
+                  f"{int(weights.sum())} trained", loss_weights=weights)
+
+
+def load_conversations(paths: list[str], tokenizer: ChatTokenizer) -> Corpus:
+    """JSONL conversation files -> Corpus (see the module docstring)."""
+
+    def records():
+        for path in paths:
+            yield from read_conversations(path)
+
+    return conversation_corpus(records(), tokenizer, ", ".join(paths))
