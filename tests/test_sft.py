@@ -217,3 +217,42 @@ def test_calculator_evaluates_only_arithmetic():
     assert calculator.call_calculator({"expression": "9" * 40 + " * " + "9" * 40}).startswith(
         "error: result too large")
     assert calculator.call_calculator({}).startswith("error:")
+
+
+# ------------------------------------------------------------------ evaluation by generation
+def _reference_policy(records, tweak=lambda text: text):
+    """Answers every prompt the evaluation can ask with the record's own assistant turn:
+    exercises rendering, tokenizing, decoding, parsing and the tool loop end to end."""
+    from glm_jax.chat.render import render_assistant_body
+
+    replies = {}
+    for r in records:
+        for i, m in enumerate(r["messages"]):
+            if m["role"] == "assistant":
+                prompt = render(r["messages"][:i], r.get("tools"), add_generation_prompt=True,
+                                enable_thinking=r["thinking"]).text
+                body = render_assistant_body(m, keep_reasoning=True)
+                prefill = "" if r["thinking"] else "\n<think></think>"
+                end = "<|observation|>" if m.get("tool_calls") else "<|user|>"
+                replies[prompt] = tweak(body.removeprefix(prefill) + end)
+
+    def policy(prompts):
+        return [TOK.encode(replies[TOK.decode(p)])[0] for p in prompts]
+
+    return policy
+
+
+def test_evaluation_plays_tool_episodes_and_scores_both_modes(task_set):
+    from glm_jax.sft import evaluate
+
+    _, held_out = task_set
+    results = evaluate.run_episodes(held_out, _reference_policy(held_out), TOK, batch_size=3)
+    acc = evaluate.accuracy(results)
+    assert acc["all"] == acc["thinking"] == acc["non_thinking"] == acc["task/tool"] == 1.0
+    tool = next(r for r in results if r["task"] == "tool")
+    record = next(r for r in held_out if r["id"] == tool["id"])
+    assert tool["messages"] == record["messages"]  # the calculator's result was fed back
+    wrong = evaluate.run_episodes(
+        held_out, _reference_policy(held_out, lambda t: t.replace("answer is ", "answer is 9")),
+        TOK)
+    assert evaluate.accuracy(wrong)["all"] == 0.0
