@@ -34,17 +34,17 @@ def _write(path, lines):
     return str(path)
 
 
-def test_jsonl_to_tokens_and_loss_weights(tmp_path, task_set):
+def test_jsonl_to_tokens_and_loss_mask(tmp_path, task_set):
     train, _ = task_set
     path = _write(tmp_path / "c.jsonl", [json.dumps(r) for r in train[:6]] + [""])
     corpus = data.load_conversations([path], TOK)
-    assert corpus.doc_starts.size == 6 and corpus.loss_weights.shape == corpus.tokens.shape
+    assert corpus.doc_starts.size == 6 and corpus.loss_mask.shape == corpus.tokens.shape
     for d, record in enumerate(train[:6]):
         ids, mask = tokenize(render(record["messages"], record.get("tools"),
                                     for_training=True), TOK)
         lo = corpus.doc_starts[d]
         np.testing.assert_array_equal(corpus.tokens[lo:lo + ids.size], ids)
-        np.testing.assert_array_equal(corpus.loss_weights[lo:lo + ids.size], mask)
+        np.testing.assert_array_equal(corpus.loss_mask[lo:lo + ids.size], mask)
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -67,7 +67,7 @@ def test_malformed_records_name_file_and_line(tmp_path, bad, error):
 def _corpus(docs, weights):
     starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
     return Corpus(np.concatenate(docs).astype(np.int32), starts, 300, "test",
-                  loss_weights=np.concatenate(weights).astype(np.float32))
+                  loss_mask=np.concatenate(weights).astype(np.float32))
 
 
 def test_document_rows_keep_conversations_whole():
@@ -81,12 +81,12 @@ def test_document_rows_keep_conversations_whole():
     np.testing.assert_array_equal(r1["tokens"], [4, 5, 6, 7, 8, BYTE_PAD])  # 9, 10 do not fit
     np.testing.assert_array_equal(rows[2]["tokens"][:2], [9, 10])
     np.testing.assert_array_equal(r3["tokens"], [11, 12, 13, 14, 15, 16])  # cut to the row
-    np.testing.assert_array_equal(r1["loss_weights"], [0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(r1["loss_mask"], [0, 0, 1, 1, 1, 0])
     np.testing.assert_array_equal(r1["positions"], [0, 1, 2, 3, 4, 0])
     batch = next(iter(make_dataset(_corpus(docs, weights), seq_len=8, global_batch=2, seed=0,
                                    whole_documents=True)))
-    assert set(batch) == {"tokens", "segment_ids", "positions", "loss_weights"}
-    assert batch["tokens"].shape == (2, 8) and batch["loss_weights"].dtype == np.float32
+    assert set(batch) == {"tokens", "segment_ids", "positions", "loss_mask"}
+    assert batch["tokens"].shape == (2, 8) and batch["loss_mask"].dtype == np.float32
 
 
 # ------------------------------------------------------------------ loss
@@ -143,7 +143,7 @@ def test_packed_sft_loss_equals_per_conversation_losses(task_set):
     total, packed_heads = forward(model, batch_of(rows + [empty] * (len(records) - len(rows))))
     ends = np.append(corpus.doc_starts[1:], corpus.num_tokens)
     alone_rows = [DocumentRows(Corpus(corpus.tokens[lo:hi], np.zeros(1, np.int64), 0, "",
-                                      corpus.loss_weights[lo:hi]), 256, BYTE_PAD)[0]
+                                      corpus.loss_mask[lo:hi]), 256, BYTE_PAD)[0]
                   for lo, hi in zip(corpus.doc_starts, ends)]
     _, alone_heads = forward(model, batch_of(alone_rows))
 
@@ -161,7 +161,7 @@ def test_packed_sft_loss_equals_per_conversation_losses(task_set):
     np.testing.assert_allclose(float(total), main + 0.3 * mtp, rtol=1e-5)
     # Every trained token of the data is a target of the main head exactly once, except
     # none: a conversation's first token is never trained.
-    assert float(np.sum(packed_heads[0][1])) == float(corpus.loss_weights.sum())
+    assert float(np.sum(packed_heads[0][1])) == float(corpus.loss_mask.sum())
 
 
 # ------------------------------------------------------------------ tasks and verifier

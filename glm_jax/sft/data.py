@@ -1,4 +1,4 @@
-"""SFT data: conversations -> token ids + per-token loss weights -> a `Corpus` that
+"""SFT data: conversations -> token ids + a per-token `loss_mask` -> a `Corpus` that
 `glm_jax.train.data.make_dataset(..., whole_documents=True)` packs like pretraining data.
 
 A conversations file is JSONL, one conversation per line:
@@ -8,7 +8,7 @@ A conversations file is JSONL, one conversation per line:
      "tools": [...]}                                    (optional; other keys are ignored)
 
 Each conversation is rendered in GLM-4.5's format (`glm_jax.chat.render`) and tokenized;
-its loss weight is 1 on what the model writes (reasoning, content, tool calls and the
+its loss mask is 1 on what the model writes (reasoning, content, tool calls and the
 end-of-turn token of every assistant turn) and 0 on everything else (system, user, tool
 results, role tokens). A malformed record fails with `file:line: what is wrong`.
 """
@@ -61,7 +61,7 @@ def encode_conversation(record: Mapping[str, Any], tokenizer: ChatTokenizer,
 
 def conversation_corpus(records: Iterable[tuple[str, Mapping[str, Any]]],
                         tokenizer: ChatTokenizer, description: str) -> Corpus:
-    """Tokenize (where, record) pairs into one Corpus with per-token loss weights."""
+    """Tokenize (where, record) pairs into one Corpus with a per-token loss_mask."""
     ids, masks, starts, offset = [], [], [], 0
     for where, record in records:
         tokens, mask = encode_conversation(record, tokenizer, where)
@@ -76,7 +76,7 @@ def conversation_corpus(records: Iterable[tuple[str, Mapping[str, Any]]],
     weights = np.concatenate(masks).astype(np.float32)
     return Corpus(tokens, np.asarray(starts, np.int64), tokenizer.vocab_size,
                   f"{description}: {len(ids)} conversations, {tokens.size} tokens, "
-                  f"{int(weights.sum())} trained", loss_weights=weights)
+                  f"{int(weights.sum())} trained", loss_mask=weights)
 
 
 def load_conversations(paths: list[str], tokenizer: ChatTokenizer) -> Corpus:

@@ -9,6 +9,10 @@ function can use either.
 Normalisation: a weighted mean over the whole (global) batch,
 sum_i w_i * CE_i / sum_i w_i, so a packed batch gives the same loss as its conversations
 concatenated, whatever the packing.
+
+The batch key is `loss_mask` [B, T], token-aligned (1 = this token is a target, as
+transformers' `labels != -100`): the key and alignment the training core's next-token loss
+reads, so SFT batches also train with it unchanged.
 """
 
 from __future__ import annotations
@@ -31,16 +35,16 @@ def masked_next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.A
 
 def shifted_weights(batch: dict[str, jax.Array], shift: int) -> tuple[jax.Array, jax.Array]:
     """(targets [B, T], weights [B, T] float32) for the head predicting token t + shift:
-    the batch's `loss_weights` of the target token, zero outside the row or the document."""
+    the batch's `loss_mask` of the target token, zero outside the row or the document."""
     targets, valid = shifted_targets(batch["tokens"], batch["segment_ids"], shift)
-    target_w = jnp.roll(batch["loss_weights"].astype(jnp.float32), -shift, axis=1)
+    target_w = jnp.roll(batch["loss_mask"].astype(jnp.float32), -shift, axis=1)
     return targets, jnp.where(valid, target_w, 0.0)
 
 
 def sft_loss(logits: jax.Array, mtp_logits: tuple[jax.Array, ...], batch: dict[str, jax.Array],
              *, mtp_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """total = weighted CE + mtp_loss_weight * mean over MTP depths of the depth's weighted CE.
-    batch: tokens / segment_ids [B, T] int32 and loss_weights [B, T] float32 (token-aligned:
+    batch: tokens / segment_ids [B, T] int32 and loss_mask [B, T] float32 (token-aligned:
     the weight of predicting that token)."""
     targets, w = shifted_weights(batch, 1)
     ce, metrics = masked_next_token_loss(logits, targets, w)

@@ -8,7 +8,7 @@ Two sources:
     with a HuggingFace `tokenizers` tokenizer.json.
 
 Either way a corpus is one flat token array (every document is [bos] + tokens + [eos]) plus
-the start offset of each document, and optionally a per-token loss weight (SFT conversations,
+the start offset of each document, and optionally a per-token `loss_mask` (SFT conversations,
 `glm_jax.sft.data`: 1 on the tokens the model writes, 0 on the prompt).
 
 Two packings, both with `segment_ids` numbering the documents inside a row from 1 and
@@ -18,7 +18,7 @@ Two packings, both with `segment_ids` numbering the documents inside a row from 
     token is padding, and the loss masks every target that belongs to another document.
   * `DocumentRows` (SFT), whole documents: documents are placed in corpus order, each in the
     current row if it still has room, else in a new one (next-fit), never split; the rest of
-    a row is padding with segment id 0 and weight 0. A document longer than a row is cut to
+    a row is padding with segment id 0 and loss mask 0. A document longer than a row is cut to
     the row (its tail is lost; the count is reported).
 
 The grain pipeline shuffles rows by seed (a new permutation each epoch), repeats forever,
@@ -52,7 +52,7 @@ class Corpus:
     doc_starts: np.ndarray  # [D] int64, sorted, doc_starts[0] == 0
     vocab_size: int  # smallest model vocab that holds every id
     description: str
-    loss_weights: np.ndarray | None = None  # [N] per-token weight of predicting the token
+    loss_mask: np.ndarray | None = None  # [N] float32: 1 where the token is a target
 
     @property
     def num_tokens(self) -> int:
@@ -221,8 +221,8 @@ class PackedRows:
 
 class DocumentRows:
     """grain random-access source: whole documents packed next-fit into `seq_len` rows,
-    padded with `pad_id` (segment id 0, position 0, loss weight 0). Rows carry
-    `loss_weights` [T] float32 (the corpus's, or 1 on every document token)."""
+    padded with `pad_id` (segment id 0, position 0, loss mask 0). Rows carry
+    `loss_mask` [T] float32 (the corpus's, or 1 on every document token)."""
 
     def __init__(self, corpus: Corpus, seq_len: int, pad_id: int):
         self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
@@ -248,15 +248,15 @@ class DocumentRows:
         out = {"tokens": np.full(t, self.pad_id, np.int32),
                "segment_ids": np.zeros(t, np.int32),
                "positions": np.zeros(t, np.int32),
-               "loss_weights": np.zeros(t, np.float32)}
+               "loss_mask": np.zeros(t, np.float32)}
         pos = 0
         for seg, d in enumerate(self._rows[int(i)], start=1):
             lo, n = int(c.doc_starts[d]), int(self._lengths[d])
             out["tokens"][pos:pos + n] = c.tokens[lo:lo + n]
             out["segment_ids"][pos:pos + n] = seg
             out["positions"][pos:pos + n] = np.arange(n)
-            out["loss_weights"][pos:pos + n] = (
-                1.0 if c.loss_weights is None else c.loss_weights[lo:lo + n])
+            out["loss_mask"][pos:pos + n] = (
+                1.0 if c.loss_mask is None else c.loss_mask[lo:lo + n])
             pos += n
         return out
 
@@ -271,7 +271,7 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
                  pad_id: int = BYTE_PAD) -> grain.IterDataset:
     """The endless stream of this process's batches: dicts of [global_batch / processes,
     seq_len] arrays (tokens / segment_ids / positions int32; with whole_documents=True also
-    loss_weights float32, and rows are `DocumentRows` padded with `pad_id`)."""
+    loss_mask float32, and rows are `DocumentRows` padded with `pad_id`)."""
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} must divide over the "
                          f"{process_count} processes")
