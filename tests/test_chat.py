@@ -252,3 +252,15 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
         ids, mask = tokenize(rendered, tok)
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_array_equal(mask, expected_mask)
+
+
+# ------------------------------------------------------------------ chat CLI
+def test_chat_cli_bad_input_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "glm_jax.chat", "--ckpt", "/nonexistent/ckpt",
+                           "--message", "hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ckpt /nonexistent/ckpt: no such folder" in lines[0]
