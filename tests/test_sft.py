@@ -47,6 +47,16 @@ def test_jsonl_to_tokens_and_loss_mask(tmp_path, task_set):
         np.testing.assert_array_equal(corpus.loss_mask[lo:lo + ids.size], mask)
 
 
+def test_exported_embedded_set_loads_to_the_same_corpus(tmp_path):
+    data.export_embedded(str(tmp_path), seed=5, train_problems=10, eval_problems=2)
+    corpus, held_out = data.embedded_corpus(TOK, seed=5, train_problems=10, eval_problems=2)
+    loaded = data.load_conversations([str(tmp_path / "train.jsonl")], TOK)
+    np.testing.assert_array_equal(loaded.tokens, corpus.tokens)
+    np.testing.assert_array_equal(loaded.loss_mask, corpus.loss_mask)
+    assert [json.loads(x) for x in (tmp_path / "held_out.jsonl").read_text().splitlines()
+            ] == held_out
+
+
 @pytest.mark.parametrize("bad, error", [
     ('{"messages": [{"role": "user", "content": "q"}', r"c\.jsonl:2: not valid JSON"),
     ('{"conversation": []}', r"c\.jsonl:2: .*\"messages\" list"),

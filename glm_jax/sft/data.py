@@ -87,3 +87,74 @@ def load_conversations(paths: list[str], tokenizer: ChatTokenizer) -> Corpus:
             yield from read_conversations(path)
 
     return conversation_corpus(records(), tokenizer, ", ".join(paths))
+
+
+def embedded_corpus(tokenizer: ChatTokenizer, *, seed: int = 0, train_problems: int = 2000,
+                    eval_problems: int = 100) -> tuple[Corpus, list[dict[str, Any]]]:
+    """The embedded default task set (glm_jax.sft.tasks): (training Corpus, held-out records)."""
+    from glm_jax.sft.tasks import default_sft_set
+
+    train, held_out = default_sft_set(seed, train_problems, eval_problems)
+    corpus = conversation_corpus(((f"embedded record {r['id']}", r) for r in train), tokenizer,
+                                 f"embedded task set (seed {seed})")
+    return corpus, held_out
+
+
+def export_embedded(output: str, *, seed: int = 0, train_problems: int = 2000,
+                    eval_problems: int = 100) -> None:
+    """Write the embedded task set as `output`/train.jsonl and `output`/held_out.jsonl
+    (each written to a temporary file, then renamed)."""
+    import os
+    import tempfile
+
+    from glm_jax.sft.tasks import default_sft_set
+
+    train, held_out = default_sft_set(seed, train_problems, eval_problems)
+    os.makedirs(output, exist_ok=True)
+    for name, records in (("train.jsonl", train), ("held_out.jsonl", held_out)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=output)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            os.replace(tmp, os.path.join(output, name))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.sft.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write the embedded task set as JSONL")
+    e.add_argument("output", help="folder for train.jsonl and held_out.jsonl")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--train_problems", type=int, default=2000)
+    e.add_argument("--eval_problems", type=int, default=100)
+    c = sub.add_parser("check", help="tokenize JSONL conversations and report (or the error)")
+    c.add_argument("inputs", nargs="+")
+    c.add_argument("--tokenizer", default=None, help="a hub tokenizer.json (default: bytes)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            if args.train_problems < 1 or args.eval_problems < 0:
+                raise ValueError("--train_problems must be >= 1 and --eval_problems >= 0")
+            export_embedded(args.output, seed=args.seed, train_problems=args.train_problems,
+                            eval_problems=args.eval_problems)
+            print(f"wrote {args.output}/train.jsonl ({2 * args.train_problems} records) and "
+                  f"held_out.jsonl ({2 * args.eval_problems})", file=sys.stderr)
+        else:
+            from glm_jax.chat.tokens import load_chat_tokenizer
+
+            corpus = load_conversations(args.inputs, load_chat_tokenizer(args.tokenizer))
+            print(corpus.description)
+    except (OSError, ValueError) as err:
+        print(f"python -m glm_jax.sft.data: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
