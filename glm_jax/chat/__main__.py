@@ -33,7 +33,7 @@ def _show(message: dict, out=sys.stdout) -> None:
         fn = call["function"]
         print(f"[tool call] {fn['name']}({json.dumps(fn['arguments'], ensure_ascii=False)})",
               file=out)
-    if message.get("content"):
+    if message.get("content") or not message.get("tool_calls"):
         print(f"[answer] {message['content']}", file=out)
     out.flush()
 

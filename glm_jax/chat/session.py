@@ -32,7 +32,7 @@ class Conversation:
     messages: list[dict[str, Any]]  # grows as it is played
     tools: list[dict[str, Any]] | None = None
     thinking: bool = True
-    finished: bool = False  # the last assistant message is complete (not cut off)
+    finished: bool = False  # the last assistant message ended at a stop token
 
 
 def model_policy(model, tokenizer: ChatTokenizer, *, max_new_tokens: int,
@@ -66,6 +66,7 @@ def respond(conversations: Sequence[Conversation], policy: Policy, tokenizer: Ch
     assistant message is appended; one with tool calls gets a tool message per call (from
     `run_tool`) and another turn, at most `max_tool_rounds` times. `on_message` sees every
     appended message."""
+    stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
     rounds = [0] * len(conversations)
     active = list(range(len(conversations)))
     while active:
@@ -81,7 +82,9 @@ def respond(conversations: Sequence[Conversation], policy: Policy, tokenizer: Ch
                 # The prefilled part of the generation prompt belongs to the response.
                 prefill = text[text.rindex(ASSISTANT) + len(ASSISTANT):]
                 message = parse_assistant(prefill + tokenizer.decode(ids), c.tools)
-                c.finished = message.pop("finished", True)
+                # Finished: ended by a stop token, with its reasoning and tool calls closed.
+                c.finished = (message.pop("finished", True)
+                              and len(ids) > 0 and int(ids[-1]) in stop_ids)
                 c.messages.append(message)
                 if on_message:
                     on_message(c, message)
