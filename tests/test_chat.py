@@ -172,7 +172,8 @@ def test_parse_unfinished_and_schema_free_values():
     cut = parse_assistant("\n<think></think>\n<tool_call>calculator\n<arg_key>expr")
     assert cut["finished"] is False and "tool_calls" not in cut
     # Without the tool list, a JSON-looking string comes back decoded; with it, verbatim.
-    body = "<tool_call>calculator\n<arg_key>expression</arg_key>\n<arg_value>42</arg_value>\n</tool_call>"
+    body = ("<tool_call>calculator\n<arg_key>expression</arg_key>\n<arg_value>42</arg_value>\n"
+            "</tool_call>")
     assert parse_assistant(body)["tool_calls"][0]["function"]["arguments"] == {"expression": 42}
     assert parse_assistant(body, [CALC])["tool_calls"][0]["function"]["arguments"] == {
         "expression": "42"}

@@ -50,7 +50,8 @@ def test_distillation_toward_itself_is_zero_and_toward_a_teacher_falls():
         params = nnx.state(model, nnx.Param)
         updates, opt_state = opt.update(grads, opt_state, params)
         nnx.update(model, optax.apply_updates(params, updates))
-        return value, jnp.max(jnp.stack([jnp.abs(g).max() for g in jax.tree.leaves(grads)])), opt_state
+        max_grad = jnp.max(jnp.stack([jnp.abs(g).max() for g in jax.tree.leaves(grads)]))
+        return value, max_grad, opt_state
 
     opt_state = opt.init(nnx.state(student, nnx.Param))
     zero, max_grad, opt_state = step(student, opt_state, logits_of(student))

@@ -4,7 +4,8 @@ return.
 
 Input is what the model wrote after `<|assistant|>` (a trailing stop token is dropped):
 
-    \\n<think>{reasoning}</think>\\n{content}\\n<tool_call>{name}\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>
+    \\n<think>{reasoning}</think>\\n{content}
+    \\n<tool_call>{name}\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>
 
 Argument values: for a tool whose JSON schema types the argument as "string" the text is
 kept verbatim; otherwise it is JSON-decoded when it parses as JSON, and kept as text when it

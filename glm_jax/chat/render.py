@@ -11,7 +11,8 @@ working behind vLLM / SGLang / llama.cpp, which render prompts with that templat
     <|user|>\\n{content}[/nothink]                   /nothink: non-thinking mode, appended
                                                    when enable_thinking=False
     <|assistant|>\\n<think>{reasoning}</think>\\n{content}
-                 \\n<tool_call>{name}\\n<arg_key>{k}</arg_key>\\n<arg_value>{v}</arg_value>\\n</tool_call>
+                 \\n<tool_call>{name}\\n<arg_key>{k}</arg_key>\\n<arg_value>{v}</arg_value>
+                 \\n</tool_call>
     <|observation|>\\n<tool_response>\\n{result}\\n</tool_response>   one role token for a run of
                                                    consecutive tool results
     <|assistant|>                                  the generation prompt (+ \\n<think></think>

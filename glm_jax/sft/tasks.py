@@ -106,7 +106,8 @@ def _word_problem(rng: random.Random) -> tuple[str, str, int]:
     b, g = rng.randint(2, 9), rng.randint(2, 15)
     a = b * g
     q = f"{a} {item} are shared equally by {b} children. How many {item} does each child get?"
-    return q, f"Each child gets the same number n with {b} * n = {a}. Since {b} * {g} = {a}, n = {g}.", g
+    trace = f"Each child gets the same number n with {b} * n = {a}. Since {b} * {g} = {a}, n = {g}."
+    return q, trace, g
 
 
 def make_problem(rng: random.Random, task: str) -> dict[str, Any]:
