@@ -5,6 +5,7 @@ hub-style tokenizer.json)."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -219,10 +220,15 @@ def test_hub_tokenizer_maps_special_tokens_by_name(tmp_path):
     ids, mask = tokenize(rendered, tok)
     assert tok.decode(ids) == rendered.text
     assert tok.decode(ids[mask == 1]) == "\n<think>add</think>\n5<|user|>"
-    missing = _write_hub_tokenizer(tmp_path / "no_nothink.json",
-                                   [t for t in SPECIAL_TOKENS if t != "/nothink"])
-    with pytest.raises(ValueError, match="special token '/nothink'"):
+    missing = _write_hub_tokenizer(tmp_path / "no_observation.json",
+                                   [t for t in SPECIAL_TOKENS if t != "<|observation|>"])
+    with pytest.raises(ValueError, match=re.escape("special token '<|observation|>' of")):
         HubChatTokenizer(missing)
+    # /nothink may be ordinary text to a tokenizer; it still round-trips.
+    plain = HubChatTokenizer(_write_hub_tokenizer(
+        tmp_path / "no_nothink.json", [t for t in SPECIAL_TOKENS if t != "/nothink"]))
+    assert "/nothink" not in plain.special_ids
+    assert plain.decode(plain.encode("2+3?/nothink<|assistant|>")[0]) == "2+3?/nothink<|assistant|>"
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):

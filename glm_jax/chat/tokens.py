@@ -2,7 +2,8 @@
 
 Two tokenizers with one interface (`encode(text) -> (ids, char_starts)`, `decode(ids)`):
   * `HubChatTokenizer`: a hub tokenizer.json through HF `tokenizers`; the format's special
-    tokens are the tokenizer's added tokens, found by name (a missing one is an error);
+    tokens are the tokenizer's added tokens, found by name (a missing one is an error, except
+    `/nothink`, which may also be ordinary text);
   * `ByteChatTokenizer`: the embedded byte-level default of `glm_jax.train.data` (bytes
     0..255, eos 256, bos 257, pad 258); `<|endoftext|>` is its eos and the other special
     tokens take the ids from 259 up, which the tiny configs' vocabulary (320) holds.
@@ -24,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from glm_jax.chat.render import ENDOFTEXT, SPECIAL_TOKENS, Rendered
+from glm_jax.chat.render import ENDOFTEXT, NOTHINK, SPECIAL_TOKENS, Rendered
 from glm_jax.train.data import BYTE_EOS, BYTE_PAD, BYTE_VOCAB
 
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in
@@ -33,7 +34,7 @@ _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in
 
 class ChatTokenizer(Protocol):
     vocab_size: int  # smallest model vocabulary that holds every id
-    special_ids: dict[str, int]  # every string of SPECIAL_TOKENS -> its id
+    special_ids: dict[str, int]  # SPECIAL_TOKENS -> id (all but possibly /nothink)
     pad_id: int
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +97,10 @@ class HubChatTokenizer:
         self.special_ids = {}
         for token in SPECIAL_TOKENS:
             tid = self._tok.token_to_id(token)
+            if tid is None and token == NOTHINK:
+                # The mode switch is plain text to the format: a tokenizer that does not
+                # hold it as one token still renders it right (as ordinary text).
+                continue
             if tid is None:
                 raise ValueError(f"tokenizer {path}: special token {token!r} of GLM-4.5's chat "
                                  "format is not in its vocabulary (use GLM-4.5's tokenizer.json)")
