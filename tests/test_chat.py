@@ -197,11 +197,14 @@ def test_byte_tokenizer_special_ids_fit_the_tiny_vocab():
 def _write_hub_tokenizer(path, specials):
     """A small byte-level BPE tokenizer.json with the given added special tokens, shaped like
     the hub's (the format's tokens are added tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Trimmed offsets (whitespace left out of a token's span), as byte-level hub tokenizers
+    # report them: the loss mask must not depend on them.
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["What is 2+3? The answer is 5.", "Use the calculator please."],
