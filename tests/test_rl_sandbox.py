@@ -81,3 +81,24 @@ def test_fresh_directory_minimal_environment_and_no_network():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="Limits.wall_seconds"):
         sandbox.run_python("pass", "pass", Limits(wall_seconds=0))
+
+
+def test_cpu_time_limit_ends_a_busy_loop_before_the_wall_limit():
+    # Two busy threads: the process's CPU clock runs up to twice as fast as the wall clock.
+    busy = ("import threading\n"
+            "def spin():\n    while True:\n        pass\n"
+            "threading.Thread(target=spin, daemon=True).start()\nspin()\n")
+    result = sandbox.run_python(busy, "pass\n", Limits(wall_seconds=30, cpu_seconds=1))
+    assert result.reason == SandboxReason.TIMEOUT
+    assert result.detail.startswith("CPU time over"), result.detail
+
+
+def test_concurrent_runs_do_not_interfere():
+    # Each concurrent run has its own cgroup and user id: a fork bomb next to correct
+    # solutions uses up only its own process budget.
+    names = ["correct", "fork_bomb", "wrong", "correct", "memory_bomb", "correct"]
+    completions = [f"<think></think>\n```python\n{CASES[n][0]}```" for n in names]
+    results = rewards.score(rewards.UnitTests(LIMITS), [{"tests": TESTS}] * len(names),
+                            completions, max_workers=3)
+    assert [r.reason for r in results] == [CASES[n][1] for n in names]
+    assert [r.reward for r in results] == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]

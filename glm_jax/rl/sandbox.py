@@ -84,9 +84,9 @@ class SandboxResult:
     detail: str  # one line: the exception, signal or limit that ended the run
     stdout: str  # at most Limits.output_bytes, decoded with errors replaced
     stderr: str
-    wall_seconds: float
+    wall_seconds: float  # from starting the subprocess to its end
     isolation: Mapping[str, Any]  # {"network": bool, "pid_namespace": bool, "user": str,
-    #                                "python": str, "process_limit": "cgroup" | "rlimit"}
+    #                       "python": str, "process_limit": "cgroup" | "rlimit" | "none"}
 
     @property
     def passed(self) -> bool:
@@ -148,7 +148,8 @@ def _run():
         _report("process_limit", _describe(e))
     except OSError as e:
         ns.clear()  # EFBIG: a file over RLIMIT_FSIZE (Python ignores SIGXFSZ)
-        _report("output_limit" if e.errno == errno.EFBIG else "crash", _describe(e) + " in the " + phase)
+        reason = "output_limit" if e.errno == errno.EFBIG else "crash"
+        _report(reason, _describe(e) + " in the " + phase)
     except RuntimeError as e:
         ns.clear()
         limit = "can't start new thread" in str(e)
@@ -162,12 +163,10 @@ def _run():
 _run()
 """
 
-# Signals the kernel sends for a limit, and the reason they mean.
-_SIGNAL_REASONS = {signal.SIGXCPU: SandboxReason.TIMEOUT, signal.SIGXFSZ: SandboxReason.OUTPUT_LIMIT}
 _SANDBOX_UID = 61_000  # + a slot number; ids with no passwd entry and no files
-_GRACE_SECONDS = 1.0
+_GRACE_SECONDS = 1.0  # after the program exits, for its pipes to close
 # Runs its arguments as a child and exits with its status (128 + N if killed by signal N).
-_SHELL_INIT = ("/bin/sh", "-c", '"$@"; exit $?', "sh")  # after the program exits, for its pipes to close
+_SHELL_INIT = ("/bin/sh", "-c", '"$@"; exit $?', "sh")
 
 
 def run_python(solution: str, tests: str, limits: Limits = Limits(), *,
@@ -183,7 +182,6 @@ def run_python(solution: str, tests: str, limits: Limits = Limits(), *,
     for field in dataclasses.fields(limits):
         if getattr(limits, field.name) <= 0:
             raise ValueError(f"Limits.{field.name}={getattr(limits, field.name)}: must be > 0")
-    start = time.monotonic()
     with _Slot() as slot, tempfile.TemporaryDirectory(prefix="glm_sandbox_") as workdir:
         for name, source in (("solution.py", solution), ("tests.py", tests)):
             with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
@@ -198,20 +196,23 @@ def run_python(solution: str, tests: str, limits: Limits = Limits(), *,
         isolation = {"network": _namespaces_available(), "pid_namespace": _namespaces_available(),
                      "user": f"uid {uid}" if user else f"unchanged (uid {os.getuid()})",
                      "python": interpreter,
-                     "process_limit": "cgroup" if cgroup else "rlimit"}
+                     # RLIMIT_NPROC binds any user but root.
+                     "process_limit": "cgroup" if cgroup else "rlimit" if user or os.geteuid()
+                     else "none"}
         try:
             return _execute(interpreter, workdir, limits, cgroup, uid if user else None,
-                            isolation, start)
+                            isolation)
         finally:
             if cgroup:
                 cgroup.destroy()
 
 
 def _execute(interpreter: str, workdir: str, limits: Limits, cgroup: _PidsCgroup | None,
-             uid: int | None, isolation: dict, start: float) -> SandboxResult:
+             uid: int | None, isolation: dict) -> SandboxResult:
     status_read, status_write = os.pipe()
     command = _command(interpreter, status_write, limits, cgroup, uid)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
+    start = time.monotonic()  # the limit starts here, after the one-time probes
     try:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -277,15 +278,22 @@ def _classify(returncode: int, status: bytes, over_time: bool, over_output: bool
     # between the namespace and Python turns "killed by signal N" into exit code 128 + N.
     sig = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
     if sig:
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         if sig == signal.SIGXCPU:
             return SandboxReason.TIMEOUT, f"CPU time over {limits.cpu_seconds} s ({name})"
         if sig == signal.SIGXFSZ:
             return SandboxReason.OUTPUT_LIMIT, f"a file over {limits.file_bytes} bytes ({name})"
+        if sig == signal.SIGKILL:  # not ours (over_time is handled above): RLIMIT_CPU's hard
+            # limit, reached by a program that ignored SIGXCPU (or that killed itself)
+            return SandboxReason.TIMEOUT, f"CPU time over {limits.cpu_seconds + 1} s ({name})"
         return SandboxReason.CRASH, f"killed by {name}"
     if "MemoryError" in stderr:
         return SandboxReason.MEMORY, "MemoryError"
-    return SandboxReason.EXIT, f"the interpreter exited with status {returncode} before the tests finished"
+    return SandboxReason.EXIT, (f"the interpreter exited with status {returncode} before the "
+                                "tests finished")
 
 
 def _command(interpreter: str, status_fd: int, limits: Limits, cgroup: _PidsCgroup | None,
