@@ -307,7 +307,7 @@ def _command(interpreter: str, status_fd: int, limits: Limits, cgroup: _PidsCgro
     cmd += [shutil.which("prlimit") or "prlimit",
             f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",
             f"--as={limits.memory_bytes}", f"--fsize={limits.file_bytes}",
-            f"--nproc={limits.processes}", "--core=0", "--"]
+            f"--nproc={_nproc_limit(limits.processes, uid)}", "--core=0", "--"]
     if _namespaces_available():
         cmd += ["unshare", "--net", "--pid", "--fork", "--kill-child"]
     if uid is not None:
@@ -317,6 +317,29 @@ def _command(interpreter: str, status_fd: int, limits: Limits, cgroup: _PidsCgro
     # Python runs as its child; `; exit $?` stops the shell from exec-ing into it.
     cmd += [*_SHELL_INIT, interpreter, "-I", "-B", "-c", _RUNNER, str(status_fd)]
     return cmd
+
+
+def _nproc_limit(processes: int, uid: int | None) -> int:
+    """RLIMIT_NPROC counts every task of the user, not of the run. A fresh sandbox uid has
+    none, so the run's budget is the limit; the caller's own uid (not root) already has
+    some, which are added, or the run could not even start its interpreter."""
+    if uid is not None or os.geteuid() == 0:
+        return processes
+    return processes + _tasks_of_uid(os.getuid())
+
+
+def _tasks_of_uid(uid: int) -> int:
+    """Processes + threads of `uid` now, from /proc (0 where /proc is not readable)."""
+    count = 0
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            pass  # exited meanwhile
+    return count
 
 
 def _kill(proc: subprocess.Popen, cgroup: _PidsCgroup | None) -> None:
@@ -410,6 +433,9 @@ class _PidsCgroup:
             try:
                 os.mkdir(path)
             except OSError:
+                continue
+            if not os.path.exists(os.path.join(path, "pids.max")):
+                os.rmdir(path)  # a plain directory (no pids controller here), not a cgroup
                 continue
             try:
                 with open(os.path.join(path, "pids.max"), "w") as f:
