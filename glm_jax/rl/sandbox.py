@@ -15,8 +15,7 @@ the run passes only if every statement of the tests ran. Each run gets:
   processes/threads (a pids cgroup when one can be created, else RLIMIT_NPROC, which the
   kernel does not enforce for root);
 - a minimal environment (PATH, HOME = the working directory, LANG; the shell adds PWD) and
-  `python -I -B`
-  (no PYTHON* variables, no user site, no bytecode files);
+  `python -I -B` (no PYTHON* variables, no user site, no bytecode files);
 - when the OS allows: new network and PID namespaces (`unshare`): no network but a down
   loopback, and every process the program started dies with it; as root, an unprivileged
   user id (`setpriv`) so the program cannot write outside its directory and /tmp.
@@ -26,9 +25,11 @@ infinite loop, memory bomb, fork bomb, sys.exit, output flood), `run_python` ret
 with one `SandboxReason` within the wall-time limit plus a short grace period; it never hangs.
 
 This contains accidents and the usual reward hacks (exiting early with status 0, flooding
-output, forking); it is not a security boundary against a program written to escape it (the
-tests run in the same interpreter as the solution, and the file system is shared read-only
-for everything but /tmp).
+output, forking); it is not a security boundary against a program written to escape it: the
+tests run in the same interpreter as the solution, and the file system is the host's (under
+the unprivileged uid: readable where world-readable, writable only in /tmp and the run's
+directory; without it, whatever the caller may do). Needs util-linux's prlimit (and unshare,
+setpriv for the namespaces and the uid); a failure to start is SANDBOX_ERROR.
 """
 
 from __future__ import annotations
