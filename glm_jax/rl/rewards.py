@@ -23,15 +23,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from glm_jax.chat.parse import parse_assistant
 from glm_jax.rl import sandbox
-
-# TODO(issue 15): glm_jax.chat.parse is GLM-4.5's reply parser; until that branch is merged,
-# _parse_reply below reads the same two fields (content after </think>, finished). Once it
-# is merged, delete the fallback and import parse_assistant unconditionally.
-try:
-    from glm_jax.chat.parse import parse_assistant
-except ImportError:
-    parse_assistant = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,28 +43,10 @@ class RewardFn(Protocol):
     def __call__(self, example: Mapping[str, Any], completion: str) -> RewardResult: ...
 
 
-def _parse_reply(completion: str) -> dict[str, Any]:
-    """{"content": str, ["finished": False]}: the visible reply after `</think>`.
-
-    Stand-in for glm_jax.chat.parse.parse_assistant (same rules for these fields): a
-    trailing stop token is dropped; an opened but unclosed <think> means the generation was
-    cut off while reasoning (finished False, empty content); content stops at a tool call."""
-    for stop in ("<|endoftext|>", "<|user|>", "<|observation|>"):
-        if completion.endswith(stop):
-            completion = completion[: -len(stop)]
-            break
-    if "</think>" in completion:
-        completion = completion.partition("</think>")[2]
-    elif "<think>" in completion:
-        return {"content": "", "finished": False}
-    content = completion.partition("<tool_call>")[0]
-    return {"content": content.strip()}
-
-
 def reply_content(completion: str) -> tuple[str, bool]:
     """(the visible reply after `</think>`, whether the generation finished its reasoning
-    and tool calls). Uses the chat parser when available."""
-    message = (parse_assistant or _parse_reply)(completion)
+    and tool calls)."""
+    message = parse_assistant(completion)
     return message.get("content") or "", message.get("finished", True) is not False
 
 
