@@ -89,8 +89,8 @@ def self_times(trace_file: str) -> dict[str, float]:
 def main() -> None:
     args = shape_parser(__doc__).parse_args()
     config = load_config(args.config)
-    step, state, data = jax_train_step(config, args.batch, args.seq)
-    compiled = step.lower(state, data).compile()
+    trainer, state, data = jax_train_step(config, args.batch, args.seq)
+    compiled = trainer.lower(data).compile()
     names = op_names(compiled.as_text())
     for _ in range(2):  # warm up: the first calls fault in memory
         state, metrics = compiled(state, data)

@@ -32,11 +32,11 @@ from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
 
 
 def jax_step(config: GlmConfig, batch: int, seq: int):
-    step, state, data = jax_train_step(config, batch, seq)
+    trainer, state, data = jax_train_step(config, batch, seq)
     box = {"state": state}
 
     def run():
-        box["state"], metrics = step(box["state"], data)
+        box["state"], metrics = trainer.step(box["state"], data)
         jax.block_until_ready(metrics["loss"])
 
     return run
