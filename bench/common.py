@@ -19,7 +19,7 @@ import ml_collections
 
 from configs.training import add_training_sections
 from glm_jax import GlmConfig
-from glm_jax.heap import huge_pages_active
+from glm_jax import heap
 from glm_jax.train.trainer import make_trainer
 from sharding.mesh import make_mesh
 
@@ -72,10 +72,9 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     # As typed (`python -m bench.x ...`): the bench modules import each other as a package.
     command = "python " + " ".join(sys.orig_argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heap = "huge pages (glm_jax.heap)" if huge_pages_active() else "glibc defaults"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__}; heap {heap}; load average at the end {load}: other jobs "
+            f"jax {jax.__version__}; heap {heap.describe()}; load average at the end {load}: other jobs "
             f"shared the cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)

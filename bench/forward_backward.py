@@ -14,7 +14,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, jax_train_step, load_config, shape_parser, time_calls
 from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
@@ -106,5 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

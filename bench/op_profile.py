@@ -29,7 +29,6 @@ import jax  # noqa: E402
 
 from bench.common import (append_section, jax_train_step, load_config,  # noqa: E402
                           shape_parser)
-from glm_jax.heap import reexec_with_huge_pages  # noqa: E402
 
 # Most specific first: an op inside moe/routed_experts/expert_matmuls is an expert matmul.
 PARTS = (("expert_matmuls", "MoE: routed expert matmuls (block_swiglu)"),
@@ -124,5 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

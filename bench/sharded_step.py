@@ -29,7 +29,6 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, shape_parser  # noqa: E402
 from glm_jax.train import loop  # noqa: E402
 from glm_jax.train.trainer import make_trainer  # noqa: E402
@@ -128,5 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -27,7 +27,6 @@ import transformers
 
 from bench.common import append_section, jax_train_step, load_config
 from glm_jax import GlmConfig
-from glm_jax.heap import reexec_with_huge_pages
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
 
 
@@ -149,5 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

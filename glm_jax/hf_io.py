@@ -18,7 +18,8 @@ from glm_jax.config import GlmConfig
 from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
 from glm_jax.model.transformer import GlmForCausalLM
 
-# Kept in float32 whatever dtype is asked for (HF keeps them so; pitfall 9).
+# Kept in float32 whatever dtype is asked for (transformers computes the router in
+# float32).
 _FLOAT32_LEAVES = ("router_kernel", "correction_bias")
 
 

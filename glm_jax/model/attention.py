@@ -73,7 +73,7 @@ class Attention(nnx.Module):
         self.q_proj = Linear(h, nh * d, ("embed", "q_heads"), use_bias=bias, **kw)
         self.k_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
         self.v_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
-        # o_proj has no bias even when attention_bias is true (pitfall 4).
+        # o_proj has no bias even when attention_bias is true (transformers' Glm4MoeAttention).
         self.o_proj = Linear(nh * d, h, ("q_heads", "embed"), use_bias=False, **kw)
         if config.use_qk_norm:
             norm = dict(axis_name="head_dim", param_dtype=config.param_dtype)

@@ -19,7 +19,8 @@ def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: G
     """x [N, H] -> (weights [N, k] float32, expert ids [N, k] int32).
 
     Runs in float32. The correction bias only decides *which* experts are chosen; the
-    mixing weights are the plain sigmoid scores (pitfall 7)."""
+    mixing weights are the plain sigmoid scores, as in transformers' Glm4MoeTopkRouter:
+    adding the bias to the weights too would change the output, not only the choice."""
     scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
     choice = scores + correction_bias.astype(jnp.float32)
     if config.n_group > 1:
@@ -63,7 +64,8 @@ class MoE(nnx.Module):
     def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
         h, e, f = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
         std, pd = config.initializer_range, config.param_dtype
-        # The router weight stays float32 whatever param_dtype says (pitfall 9).
+        # The router weight stays float32 whatever param_dtype says: transformers computes the
+        # router scores in float32, and the top-k choice must match it.
         self.router_kernel = normal_param(rngs, (h, e), ("embed", None), std, "float32")
         self.correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
         self.w_gate = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), std, pd)

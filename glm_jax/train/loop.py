@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from glm_jax import heap
 from glm_jax.config import GlmConfig
 from glm_jax.train import checkpoint, data, metrics, optimizer
 from glm_jax.train.trainer import make_trainer
@@ -164,7 +165,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
               f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params; "
               f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
-              f"workdir {workdir}", flush=True)
+              f"workdir {workdir}"
+              # XLA:CPU is where malloc's page faults cost step time.
+              + (f"; heap {heap.describe()}" if mesh.devices.flat[0].platform == "cpu" else ""),
+              flush=True)
 
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
