@@ -359,7 +359,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     import orbax.checkpoint as ocp
     from jax.sharding import SingleDeviceSharding
 
-    from sharding.rules import variable_sharding
+    from sharding.rules import bind_mesh, variable_sharding
 
     path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
     hf = orbax_stream.read_config(path)
@@ -387,4 +387,4 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         restored = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
     nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state)
+    return bind_mesh(nnx.merge(graphdef, state), mesh)

@@ -126,7 +126,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         loss_fn = NextTokenLoss(t.mtp_loss_weight, t.z_loss_weight, model_cfg.num_mtp_layers)
 
     def create() -> GlmForCausalLM:
-        return GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed))
+        return GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed), mesh=mesh)
 
     graphdef, params, biases, rest = nnx.split(nnx.eval_shape(create), nnx.Param,
                                                RouterBias, ...)
