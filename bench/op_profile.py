@@ -1,5 +1,5 @@
 """Where one train step's time goes, op by op: the `bench` train step (the real
-glm_jax.train.step, AdamW) is traced with XLA:CPU's per-thunk trace events, and each
+glm_jax.train.make_trainer step, AdamW) is traced with XLA:CPU's per-thunk trace events, and each
 thunk's own time (minus the thunks nested in it) is credited to the model part named by the
 `jax.named_scope` in its op metadata (attention, moe/router, moe/routed_experts, ...),
 forward or backward. Run as `python -m bench.op_profile`.

@@ -11,7 +11,7 @@ when strictly alternated with a torch process, and 14.6-15.2 s with 2 s back to 
 in training (measured with a torch worker alternating and not). In one shared process the
 two runtimes slowed each other in the same way.
 
-glm-jax runs its real train step (glm_jax.train.step: loss with masks, AdamW, clipping, bias
+glm-jax runs its real train step (glm_jax.train.make_trainer: loss with masks, AdamW, clipping, bias
 update); transformers runs loss.backward() + torch AdamW + clipping, sdpa attention."""
 
 from __future__ import annotations

@@ -355,7 +355,7 @@ def test_worker_processes_give_the_same_stream_and_resume():
 def test_expert_parallel_training_matches_data_parallel(tmp_path):
     """Training on an expert=8 mesh is exact: the same losses as data=8 on the same batches.
     The loop traces its step under jax.set_mesh, which is what exposes the `expert` axis to
-    the MoE (checked first); without it the MoE would silently run the single-device path."""
+    the MoE (checked first); without it the MoE, built for that mesh, refuses to run."""
     from sharding.expert_parallel import expert_axis_size
     from sharding.mesh import make_mesh
 

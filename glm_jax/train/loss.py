@@ -12,8 +12,10 @@ weight arrays (leading axis = batch rows, so they split with the rows) and `__ca
 weighted sums. M = 1 runs exactly the same two calls.
 
 Post-training losses plug in the same way: SFT is `NextTokenLoss` with a `loss_mask` in the
-batch; a policy-gradient loss reads `advantages` [B] and `old_logprobs` [B, T] from the batch,
-its own weights from `prepare`, and the router's load from `out.expert_counts`.
+batch; a policy-gradient loss reads `advantages` [B] and `old_logprobs` [B, T] from the
+batch, puts its normalization (per token, or per sequence then per batch) in `prepare`'s
+weights, and sees the router through `out` (today the per-layer loads `expert_counts`;
+per-token expert choices, for routing replay, are the field `CausalLMOutput` would add).
 
 Targets come from the row itself: the main head at position i predicts token i+1, MTP depth
 k (1-based) predicts token i+1+k. A target is valid only if it lies inside the row and in
