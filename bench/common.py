@@ -73,9 +73,10 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     command = "python " + " ".join(sys.orig_argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__}; heap {heap.describe()}; load average at the end {load}: other jobs "
-            f"shared the cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+    text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, "
+            f"{platform.machine()}, jax {jax.__version__}; heap {heap.describe()}; load average "
+            f"at the end {load}: other jobs shared the cores when it is above ~2)\n\n{table}\n"
+            + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)
     print(text)

@@ -93,7 +93,8 @@ class GlmForCausalLM(nnx.Module):
         x = embeds
         dense_kv = moe_kv = None
         if self.dense_layers is not None:
-            x, aux = self.dense_layers(x, cos, sin, mask, None if cache is None else cache.dense, index)
+            x, aux = self.dense_layers(x, cos, sin, mask,
+                                       None if cache is None else cache.dense, index)
             dense_kv = aux.get("kv")
         expert_counts, dropped = no_counts, jnp.zeros((), jnp.int32)
         if self.moe_layers is not None:
