@@ -1,7 +1,8 @@
 """Pretrain GLM-4.5-style models: `python train.py [--config configs/tiny.py]
 [--workdir runs/tiny] [--config.train.steps=200] [--config.model.num_experts_per_tok=2]`.
 
-Plain `python train.py` trains the tiny config on the embedded default data (the Python
+On CPU hosts, `bin/glm-jax-python train.py ...` runs it with glibc's huge-page malloc
+(faster steps; see glm_jax/heap.py). Plain `python train.py` trains the tiny config on the embedded default data (the Python
 standard library's source, byte-level) on CPU. Multi-process: pass --coordinator_address,
 --num_processes, --process_id (or set JAX_COORDINATOR_ADDRESS etc.).
 """
@@ -31,7 +32,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    from glm_jax.heap import reexec_with_huge_pages
-
-    reexec_with_huge_pages()  # before jax starts: see glm_jax/heap.py
     app.run(_main)

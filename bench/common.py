@@ -15,12 +15,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+import ml_collections
 
-from glm_jax import GlmConfig, GlmForCausalLM
-from glm_jax.heap import huge_pages_active
-from glm_jax.train.step import train_step_fn
+from configs.training import add_training_sections
+from glm_jax import GlmConfig
+from glm_jax import heap
+from glm_jax.train.trainer import make_trainer
+from sharding.mesh import make_mesh
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 
@@ -41,20 +42,19 @@ def load_config(name: str, **overrides) -> GlmConfig:
     return GlmConfig.from_dict({**fields, **overrides})
 
 
-def jax_train_step(config: GlmConfig, batch: int, seq: int):
-    """The real glm-jax train step (glm_jax.train.step, AdamW, clipping, bias update) on
-    random tokens: (jitted step with the state donated, state, batch)."""
-    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, b1=0.9, b2=0.95))
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.int32(0), "skipped": jnp.int32(0)}
+def jax_train_step(config: GlmConfig, batch: int, seq: int, micro_batches: int = 1):
+    """The real glm-jax train step (glm_jax.train.make_trainer: AdamW with the training
+    sections' defaults, clipping, bias update) on one device and random tokens:
+    (trainer, state, batch); `trainer.step(state, batch)` donates the state."""
+    cfg = ml_collections.ConfigDict({"model": config.to_dict()})
+    add_training_sections(cfg, steps=1000, batch_size=batch, seq_len=seq, learning_rate=3e-4,
+                          warmup_steps=0, checkpoint_every=0, log_every=1)
+    cfg.train.micro_batches = micro_batches
+    trainer = make_trainer(cfg, make_mesh({"data": 1}, jax.devices()[:1]))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
     data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
             "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3), donate_argnums=0)
-    return step, state, data
+    return trainer, trainer.init(), data
 
 
 def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -72,11 +72,11 @@ def append_section(title: str, table: str, notes: str = "") -> None:
     # As typed (`python -m bench.x ...`): the bench modules import each other as a package.
     command = "python " + " ".join(sys.orig_argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heap = "huge pages (glm_jax.heap)" if huge_pages_active() else "glibc defaults"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"jax {jax.__version__}; heap {heap}; load average at the end {load}: other jobs "
-            f"shared the cores when it is above ~2)\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+    text = (f"\n## {title}\n\n`{command}` ({when}; {os.cpu_count()} cores, "
+            f"{platform.machine()}, jax {jax.__version__}; heap {heap.describe()}; load average "
+            f"at the end {load}: other jobs shared the cores when it is above ~2)\n\n{table}\n"
+            + (f"\n{notes}\n" if notes else ""))
     with open(DOCS, "a") as f:
         f.write(text)
     print(text)

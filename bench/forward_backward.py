@@ -14,11 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax.heap import reexec_with_huge_pages
-from bench.common import append_section, load_config, shape_parser, time_calls
+from bench.common import append_section, jax_train_step, load_config, shape_parser, time_calls
 from glm_jax import GlmConfig, GlmForCausalLM
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
-from glm_jax.train.step import train_step_fn
 
 
 def grad_step(config: GlmConfig, batch: int, seq: int):
@@ -53,20 +51,11 @@ def grad_step(config: GlmConfig, batch: int, seq: int):
 
 
 def train_step_compile(config: GlmConfig, batch: int, seq: int) -> tuple[float, int]:
-    """Seconds to compile the real train step (glm_jax.train.step with AdamW), and the
-    number of while loops XLA kept (a one-trip layer scan is compiled as straight code)."""
-    model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, params, biases = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4))
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.int32(0), "skipped": jnp.int32(0)}
-    ids = jnp.zeros((batch, seq), jnp.int32)
-    data = {"tokens": ids, "segment_ids": jnp.ones_like(ids),
-            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
-    step = train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                         bias_update_rate=1e-3)
+    """Seconds to compile the real train step (glm_jax.train.make_trainer with AdamW), and
+    the number of while loops XLA kept (a one-trip layer scan is compiled as straight code)."""
+    trainer, _, data = jax_train_step(config, batch, seq)
     t = time.perf_counter()
-    compiled = jax.jit(step).lower(state, data).compile()
+    compiled = trainer.lower(data).compile()
     return time.perf_counter() - t, compiled.as_text().count(" while(")
 
 
@@ -116,5 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

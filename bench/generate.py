@@ -29,7 +29,6 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glm_jax import GlmConfig, GlmForCausalLM, generate  # noqa: E402
-from glm_jax.heap import reexec_with_huge_pages  # noqa: E402
 
 
 def _config(path: str, mtp_layers: int | None) -> GlmConfig:
@@ -141,5 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, load_config, time_calls
 from glm_jax.model.grouped_matmul import dropless_block_size
 from glm_jax.model.moe import dense_experts, sorted_experts
@@ -108,5 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

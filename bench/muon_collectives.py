@@ -25,7 +25,6 @@ from flax import nnx  # noqa: E402
 
 from glm_jax import GlmConfig, GlmForCausalLM  # noqa: E402
 from glm_jax.optim import muon, param_shardings  # noqa: E402
-from glm_jax.heap import reexec_with_huge_pages  # noqa: E402
 from sharding.rules import shard_model  # noqa: E402
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -75,5 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -1,5 +1,5 @@
 """Where one train step's time goes, op by op: the `bench` train step (the real
-glm_jax.train.step, AdamW) is traced with XLA:CPU's per-thunk trace events, and each
+glm_jax.train.make_trainer step, AdamW) is traced with XLA:CPU's per-thunk trace events, and each
 thunk's own time (minus the thunks nested in it) is credited to the model part named by the
 `jax.named_scope` in its op metadata (attention, moe/router, moe/routed_experts, ...),
 forward or backward. Run as `python -m bench.op_profile`.
@@ -29,7 +29,6 @@ import jax  # noqa: E402
 
 from bench.common import (append_section, jax_train_step, load_config,  # noqa: E402
                           shape_parser)
-from glm_jax.heap import reexec_with_huge_pages  # noqa: E402
 
 # Most specific first: an op inside moe/routed_experts/expert_matmuls is an expert matmul.
 PARTS = (("expert_matmuls", "MoE: routed expert matmuls (block_swiglu)"),
@@ -89,8 +88,8 @@ def self_times(trace_file: str) -> dict[str, float]:
 def main() -> None:
     args = shape_parser(__doc__).parse_args()
     config = load_config(args.config)
-    step, state, data = jax_train_step(config, args.batch, args.seq)
-    compiled = step.lower(state, data).compile()
+    trainer, state, data = jax_train_step(config, args.batch, args.seq)
+    compiled = trainer.lower(data).compile()
     names = op_names(compiled.as_text())
     for _ in range(2):  # warm up: the first calls fault in memory
         state, metrics = compiled(state, data)
@@ -124,5 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -1,10 +1,10 @@
 """The real train step of the `bench` config on 8 simulated CPU devices, per mesh layout,
 against one device of the same CPU: `python -m bench.sharded_step`.
 
-Each layout builds the training loop's own programs (`glm_jax.train.loop.Programs`: the
-model created straight into the rules' shardings, AdamW with the config's schedule, and
-`glm_jax.train.step.train_step_fn` jitted with the state / batch shardings and traced under
-`jax.set_mesh`), compiles the step once, and times calls of that executable. The bytes each
+Each layout builds the training loop's own trainer (`glm_jax.train.make_trainer`: the
+state created straight into the rules' shardings, AdamW with the config's schedule, one
+step jitted with the state / batch shardings and traced under `jax.set_mesh`), compiles
+the step once, and times calls of that executable. The bytes each
 collective sends per device per step are read from its compiled HLO by the scale plan's
 parser (`sharding.plan.collective_bytes`).
 
@@ -28,14 +28,12 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, shape_parser  # noqa: E402
 from glm_jax.train import loop  # noqa: E402
+from glm_jax.train.trainer import make_trainer  # noqa: E402
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes  # noqa: E402
 from sharding.plan import COLLECTIVES, collective_bytes  # noqa: E402
-from sharding.rules import partition_spec  # noqa: E402
 
 LAYOUTS = ["data=8", "fsdp=8", "expert=8", "data=2,expert=2,tensor=2", "fsdp=2,expert=4"]
 MiB = 1024 ** 2
@@ -45,18 +43,17 @@ def measure(cfg, spec: str, devices: list, steps: int) -> dict:
     """Compile and time the loop's train step on a mesh `spec` over `devices`."""
     model_cfg = loop.validate(cfg)
     mesh = make_mesh(resolve_axes(parse_mesh(spec), len(devices)), devices)
-    progs = loop.Programs(model_cfg, cfg.optimizer, cfg.train, mesh)
-    state = progs.init_state()
+    trainer = make_trainer(cfg, mesh)
+    state = trainer.init()
     t = cfg.train
     tokens = np.random.default_rng(0).integers(
         0, model_cfg.vocab_size, (t.batch_size, t.seq_len), dtype=np.int32)
-    sharding = NamedSharding(mesh, partition_spec(("batch", "seq"), mesh))
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
              "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tokens.shape)}
-    batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
 
     t0 = time.perf_counter()
-    compiled = progs.compile_step(state, batch)
+    compiled = trainer.lower(batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     sent = collective_bytes(compiled.as_text(), mesh.size)
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                     + " | ".join(f"{r['sent'].get(k, 0.0) / MiB:.1f}" for k in kinds) + " |")
     table = "\n".join(rows)
     notes = (f"{args.config} config with num_hidden_layers={m.num_hidden_layers}, global batch "
-             f"{args.batch} x {args.seq}, AdamW, the loop's step (loop.Programs); median of "
+             f"{args.batch} x {args.seq}, AdamW, the loop's step (make_trainer); median of "
              f"{args.repeats} steps after one warm-up call; load average {load:.1f} before and "
              f"{os.getloadavg()[0]:.1f} after the run on {os.cpu_count()} cores. Collective "
              "columns: bytes each device sends per step (sharding.plan.collective_bytes; scan bodies counted once "
@@ -130,5 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax.heap import reexec_with_huge_pages
 from bench.common import append_section, load_config, shape_parser, time_calls
 from bench.train_step import jax_step
 from glm_jax import GlmForCausalLM
@@ -109,5 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

@@ -11,7 +11,7 @@ when strictly alternated with a torch process, and 14.6-15.2 s with 2 s back to 
 in training (measured with a torch worker alternating and not). In one shared process the
 two runtimes slowed each other in the same way.
 
-glm-jax runs its real train step (glm_jax.train.step: loss with masks, AdamW, clipping, bias
+glm-jax runs its real train step (glm_jax.train.make_trainer: loss with masks, AdamW, clipping, bias
 update); transformers runs loss.backward() + torch AdamW + clipping, sdpa attention."""
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ import transformers
 
 from bench.common import append_section, jax_train_step, load_config
 from glm_jax import GlmConfig
-from glm_jax.heap import reexec_with_huge_pages
 from glm_jax.train.metrics import flops_per_token, measure_matmul_peak
 
 
 def jax_step(config: GlmConfig, batch: int, seq: int):
-    step, state, data = jax_train_step(config, batch, seq)
+    trainer, state, data = jax_train_step(config, batch, seq)
     box = {"state": state}
 
     def run():
-        box["state"], metrics = step(box["state"], data)
+        box["state"], metrics = trainer.step(box["state"], data)
         jax.block_until_ready(metrics["loss"])
 
     return run
@@ -149,5 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     main()

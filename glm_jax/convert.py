@@ -357,9 +357,9 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         model = load_checkpoint("ckpt/glm45_air", mesh, moe_backend="ragged_dot")
     """
     import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, SingleDeviceSharding
+    from jax.sharding import SingleDeviceSharding
 
-    from sharding.rules import partition_spec
+    from sharding.rules import bind_mesh, variable_sharding
 
     path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
     hf = orbax_stream.read_config(path)
@@ -378,8 +378,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         if mesh is None:
             sharding = SingleDeviceSharding(jax.devices()[0])
         else:
-            axes = var.get_metadata().get("out_sharding") or (None,) * value.ndim
-            sharding = NamedSharding(mesh, partition_spec(axes, mesh))
+            sharding = variable_sharding(var, mesh)
         dt = value.dtype  # the config's param_dtype (router leaves: float32) ...
         if not cast and leaf.path[-1] not in _FLOAT32_LEAVES:  # ... or the stored dtype
             dt = get_path(meta, tuple(map(str, leaf.path))).dtype
@@ -388,4 +387,4 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         restored = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
     nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state)
+    return bind_mesh(nnx.merge(graphdef, state), mesh)

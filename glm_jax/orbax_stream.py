@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+# Private orbax modules: orbax has no public API for writing a leaf block by block.
+# tests/test_orbax_internals.py pins the version and the names used here, so an orbax
+# upgrade fails there first.
 from orbax.checkpoint._src.futures import future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils

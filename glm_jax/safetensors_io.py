@@ -181,7 +181,12 @@ class ShardWriter:
 
 def plan_shards(entries: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
     """Greedy split of (name, nbytes) in order into shards of at most max_shard_size bytes
-    (a larger single tensor gets a shard of its own, as transformers does)."""
+    (a larger single tensor gets a shard of its own, as transformers does).
+
+    Not huggingface_hub's `split_state_dict_into_shards_factory`: it puts an oversized
+    tensor in a shard of its own *ahead of* the shard being filled, so a shard's tensors are
+    not contiguous in output order, and the converter streams the shards one after another
+    in that order (one open file, one tensor in memory)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, nbytes in entries:

@@ -151,20 +151,16 @@ def _load_config(path: str):
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
                  micro_batches: int = 1, show_hlo: str | None = None,
                  run_steps: int = 0) -> Plan:
-    """AOT-compile one train step (the real glm_jax.train.step with AdamW; with
-    `micro_batches` > 1 the accumulating step of glm_jax.train.microbatch) and measure it.
-    With `run_steps` > 0 the state is really created (random init) and the step is run
-    once to warm up and then `run_steps` times; the median is `Plan.step_seconds`."""
+    """AOT-compile one train step (the training loop's own: `glm_jax.train.make_trainer`
+    with AdamW, clipping and the bias update, `micro_batches` parts) and measure it. With
+    `run_steps` > 0 the state is really created (random init) and the step is run once to
+    warm up and then `run_steps` times; the median is `Plan.step_seconds`."""
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+    import ml_collections
 
-    from glm_jax import GlmForCausalLM
-    from glm_jax.model.params import RouterBias
-    from glm_jax.train.microbatch import microbatch_train_step_fn
-    from sharding import rules
+    from configs.training import add_training_sections
+    from glm_jax.train.trainer import make_trainer
     from sharding.mesh import check_model_fits_mesh, make_mesh
 
     check_model_fits_mesh(mesh_axes, num_experts=model_cfg.n_routed_experts,
@@ -175,30 +171,16 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
         raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
                          f"batch shards of {mesh_axes} and {micro_batches} micro-batches")
     mesh = make_mesh(mesh_axes)
-    abstract = nnx.eval_shape(lambda: GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
-    param_sh = rules.state_shardings(params, mesh)
-    bias_sh = rules.state_shardings(biases, mesh)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
-    opt_abstract = jax.eval_shape(tx.init, params)
-    opt_sh = rules.opt_state_shardings(tx, params, param_sh, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = {"params": params, "biases": biases, "opt_state": opt_abstract,
-             "step": scalar, "skipped": scalar}
-    state_sh = {"params": param_sh, "biases": bias_sh, "opt_state": opt_sh,
-                "step": replicated, "skipped": replicated}
-    tok = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32)
+    cfg = ml_collections.ConfigDict({"model": model_cfg.to_dict()})
+    add_training_sections(cfg, steps=1000, batch_size=global_batch, seq_len=seq_len,
+                          learning_rate=1e-4, warmup_steps=0, checkpoint_every=0, log_every=1)
+    cfg.train.micro_batches = micro_batches
+    trainer = make_trainer(cfg, mesh)
+    tok = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32,
+                               sharding=trainer.batch_sharding)
     batch = {"tokens": tok, "positions": tok, "segment_ids": tok}
-    batch_sh = NamedSharding(mesh, rules.partition_spec(("batch", "seq"), mesh, tok.shape))
-    step = jax.jit(microbatch_train_step_fn(graphdef, tx, micro_batches=micro_batches,
-                                            mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                            bias_update_rate=1e-3),
-                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch).compile()
+    compiled = trainer.lower(batch).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -207,28 +189,23 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
             f.write(hlo)
         os.replace(show_hlo + ".tmp", show_hlo)
 
-    def per_device(tree, shardings) -> float:
-        return float(sum(x.dtype.itemsize * _prod(s.shard_shape(x.shape))
-                         for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+    def per_device(tree) -> float:
+        return float(sum(x.dtype.itemsize * _prod(x.sharding.shard_shape(x.shape))
+                         for x in jax.tree.leaves(tree)))
 
-    p = per_device(params, param_sh)
-    o = per_device(opt_abstract, opt_sh)
-    b = per_device(biases, bias_sh) + 8
+    abstract = trainer.abstract_state
+    p = per_device(abstract.params)
+    o = per_device(abstract.opt_state)
+    b = per_device(abstract.biases) + 8
     args, out, alias = (mem.argument_size_in_bytes, mem.output_size_in_bytes,
                         mem.alias_size_in_bytes)
     step_seconds = None
     if run_steps:
-        model = rules.shard_model(GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)), mesh)
-        _, real_params, real_biases = nnx.split(model, nnx.Param, RouterBias)
-        del model
-        real = {"params": real_params, "biases": real_biases,
-                "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(real_params),
-                "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                "skipped": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+        real = trainer.init()
         tokens = jax.random.randint(jax.random.key(0), tok.shape, 0, model_cfg.vocab_size)
         data = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
                 "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tok.shape)}
-        data = jax.device_put(data, batch_sh)
+        data = jax.device_put(data, trainer.batch_sharding)
         times = []
         for i in range(run_steps + 1):
             t0 = time.perf_counter()

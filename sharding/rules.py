@@ -98,14 +98,25 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
 
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Place every variable of `model` on `mesh` by its logical axis names."""
+    """Place every variable of `model` on `mesh` by its logical axis names, and tell the
+    modules that choose their algorithm by the mesh (those with a `mesh` attribute, such as
+    the MoE) which mesh they now run on (`bind_mesh`)."""
     graphdef, state = nnx.split(model)
 
     def place(var):
         return var.replace(jax.device_put(var.get_value(), variable_sharding(var, mesh)))
 
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, state)
+    return bind_mesh(nnx.merge(graphdef, state), mesh)
+
+
+def bind_mesh(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> nnx.Module:
+    """Set `mesh` on every submodule of `model` that has a `mesh` attribute (in place;
+    returns `model`)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "mesh"):
+            node.mesh = mesh
+    return model
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any,

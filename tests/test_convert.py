@@ -169,10 +169,14 @@ def test_restore_on_mesh_shards_and_trains(ckpt_f32):
         opt.update(m, grads)
         return loss, grads
 
-    loss0, grads = step(model, optimizer)
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    assert float(jnp.abs(grads["moe_layers"]["layers"]["mlp"]["w_gate"][...]).max()) > 0
-    loss1 = nnx.jit(loss_fn)(model)
+    # The model knows the mesh it was restored onto (expert=2: expert-parallel MoE), and
+    # runs under it.
+    assert model.moe_layers.layers.mlp.mesh is mesh
+    with jax.set_mesh(mesh):
+        loss0, grads = step(model, optimizer)
+        assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+        assert float(jnp.abs(grads["moe_layers"]["layers"]["mlp"]["w_gate"][...]).max()) > 0
+        loss1 = nnx.jit(loss_fn)(model)
     assert float(loss1) < float(loss0)
 
 

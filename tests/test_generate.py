@@ -15,7 +15,7 @@ from flax import nnx
 import glm_jax
 from glm_jax import from_hf_state_dict
 from glm_jax.generate import _decode_step, sample
-from glm_jax.kv_cache import forward_cached, init_cache, mtp_cached
+from glm_jax.kv_cache import init_cache
 from hf_reference import glm_config, hf_model, hf_mtp_model, hub_state_dict, mtp_hub_state_dict
 
 NEW = 12
@@ -123,9 +123,11 @@ def _full(model, ids):
 
 @nnx.jit
 def _cached(model, ids, next_ids, cache, index):
-    logits, hidden, cache = forward_cached(model, ids, cache, index)
-    mtp_logits, cache = mtp_cached(model, next_ids, hidden, cache, index)
-    return logits, mtp_logits, cache
+    positions = index[:, None] + jnp.arange(ids.shape[1], dtype=index.dtype)[None, :]
+    out = model(ids, positions=positions, cache=cache)  # the one forward, with a cache
+    mtp_logits, cache = model.mtp_draft(next_ids, out.hidden_states, positions=positions,
+                                        cache=out.cache)
+    return out.logits, mtp_logits, cache
 
 
 def test_cached_decoding_equals_full_forward(model):

@@ -1,5 +1,5 @@
-"""glm_jax.heap: an entry point that re-executes itself backs XLA:CPU's large buffers with
-transparent huge pages, so a repeated computation faults its 256 MB output in with ~128 faults
+"""bin/glm-jax-python (the launcher that sets glibc's huge-page tunable) backs XLA:CPU's
+large buffers with transparent huge pages, so a repeated computation faults its 256 MB output in with ~128 faults
 instead of 65,536; the opt-out keeps glibc's defaults."""
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# An entry point: re-executes itself, then reports whether the tunables are active and how
-# many minor page faults the third call of a jitted x + 1 over 256 MB costs.
+# Run by the launcher: reports whether the tunables are active and how many minor page
+# faults the third call of a jitted x + 1 over 256 MB costs.
 SCRIPT = """
 import resource
-from glm_jax.heap import reexec_with_huge_pages, huge_pages_active
-reexec_with_huge_pages()
+from glm_jax.heap import huge_pages_active
 import jax, jax.numpy as jnp
 x = jnp.zeros((64 << 20,), jnp.float32)
 f = jax.jit(lambda x: x + 1)
@@ -32,7 +31,9 @@ print(huge_pages_active(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - 
 def _run(**env) -> tuple[bool, int]:
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "GLIBC_TUNABLES"}
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, check=True,
+    env["PYTHON"] = sys.executable
+    out = subprocess.run([os.path.join(ROOT, "bin", "glm-jax-python"), "-c", SCRIPT],
+                         env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout.split()
     return out[-2] == "True", int(out[-1])
 

@@ -234,3 +234,18 @@ def test_optimizer_state_sharded_like_params():
             got, want = got[p], want[p]
         assert got.get_value().sharding == want.get_value()
     assert state[0].count.sharding.is_fully_replicated
+
+
+def test_moe_refuses_a_mesh_it_was_not_built_for():
+    """Expert parallelism is chosen by the mesh the model was built / placed for, never by
+    whatever mesh happens to be active: a mismatch fails at trace time with a clear error."""
+    config = tiny_config(num_nextn_predict_layers=0)  # one dense + one MoE layer
+    ids = jnp.zeros((B, T), jnp.int32)
+    ep = make_mesh(parse_mesh("expert=8"))
+    plain = GlmForCausalLM(config, rngs=nnx.Rngs(0))
+    with jax.set_mesh(ep), pytest.raises(ValueError, match="built for no mesh"):
+        nnx.jit(lambda m, x: m(x).logits)(plain, ids)
+    placed = rules.shard_model(nnx.clone(plain), ep)
+    assert placed.moe_layers.layers.mlp.mesh is ep
+    with pytest.raises(ValueError, match="called under no mesh"):
+        nnx.jit(lambda m, x: m(x).logits)(placed, ids)

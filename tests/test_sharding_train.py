@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from glm_jax.train import loop
+from glm_jax.train.trainer import make_trainer
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
 from sharding.rules import partition_spec
 from train_config import small_config
@@ -30,11 +31,11 @@ def test_loop_step_exchanges_tokens_and_keeps_expert_weights_local(spec, capfd):
                           "model.hidden_size": H, "model.moe_intermediate_size": F})
     model_cfg = loop.validate(cfg)
     mesh = make_mesh(resolve_axes(parse_mesh(spec), jax.device_count()))
-    progs = loop.programs(cfg, model_cfg, mesh)
-    state = progs.init_state()
+    trainer = make_trainer(cfg, mesh)
+    state = trainer.init()
     # AdamW's moments live where their parameter lives (not replicated on every device).
-    same = optax.tree_map_params(progs.tx, lambda m, p: m.sharding == p.sharding,
-                                 state["opt_state"], state["params"],
+    same = optax.tree_map_params(trainer.tx, lambda m, p: m.sharding == p.sharding,
+                                 state.opt_state, state.params,
                                  transform_non_params=lambda _: True)
     assert all(jax.tree.leaves(same))
     t = cfg.train
@@ -46,7 +47,7 @@ def test_loop_step_exchanges_tokens_and_keeps_expert_weights_local(spec, capfd):
     batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
     capfd.readouterr()
-    hlo = progs.compile_step(state, batch).as_text()
+    hlo = trainer.lower(batch).compile().as_text()
     log = capfd.readouterr().err
     assert "Involuntary full rematerialization" not in log, log[:2000]
 
@@ -58,5 +59,5 @@ def test_loop_step_exchanges_tokens_and_keeps_expert_weights_local(spec, capfd):
                 and re.search(rf"\[(\d+,)?{E},({H},{F}|{F},{H})\]", line.split("all-gather")[0])]
     assert not gathered, gathered[:3]
 
-    state, metrics = progs.step(state, batch)  # the same program runs
+    state, metrics = trainer.step(state, batch)  # the same program runs
     assert bool(metrics["finite"]) and int(metrics["dropped"]) == 0

@@ -1,4 +1,4 @@
-"""Gradient accumulation (glm_jax.train.microbatch): a step over M micro-batches is the
+"""Gradient accumulation (make_trainer's micro_batches): a step over M micro-batches is the
 full-batch step (same loss, gradients, counts), in the loop and on a sharded mesh."""
 
 from __future__ import annotations
@@ -8,14 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from glm_jax.config import GlmConfig
-from glm_jax.model.params import RouterBias
-from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import data, loop
-from glm_jax.train.microbatch import microbatch_train_step_fn, split_microbatches
-from glm_jax.train.step import train_step_fn
+from glm_jax.train.trainer import make_trainer, split_microbatches
+from sharding.mesh import make_mesh
 from train_config import small_config
 
 
@@ -32,13 +28,12 @@ def test_microbatch_step_equals_the_full_batch_step(micro_batches):
     """SGD with lr 1 makes the parameter change the gradient itself. Packed rows put
     documents of different lengths (so different valid-target counts) in each micro-batch:
     only normalizing by the whole batch's counts gives the full-batch loss and gradient."""
-    cfg = small_config()
-    model = GlmForCausalLM(GlmConfig.from_dict(cfg.model.to_dict()), rngs=nnx.Rngs(0))
-    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
+    cfg = small_config(**{"train.mtp_loss_weight": 0.3, "train.z_loss_weight": 1e-3,
+                          "train.bias_update_rate": 1e-3})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
     tx = optax.sgd(1.0)
-    kw = dict(mtp_loss_weight=0.3, z_loss_weight=1e-3, bias_update_rate=1e-3)
-    full = jax.jit(train_step_fn(graphdef, tx, **kw))
-    micro = jax.jit(microbatch_train_step_fn(graphdef, tx, micro_batches=micro_batches, **kw))
+    full = make_trainer(cfg, mesh, tx=tx, micro_batches=1)
+    micro = make_trainer(cfg, mesh, tx=tx, micro_batches=micro_batches)
     rows = data.PackedRows(data.stdlib_corpus(50_000), 32)
     tokens = np.stack([rows[i]["tokens"] for i in range(8)])
     # Documents of different lengths and padding (segment 0) at some row ends, so that the
@@ -56,21 +51,16 @@ def test_microbatch_step_equals_the_full_batch_step(micro_batches):
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
              "positions": jnp.asarray(pos)}
 
-    def fresh():
-        return {"params": jax.tree.map(jnp.copy, params), "biases": jax.tree.map(jnp.copy, biases),
-                "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "skipped": jnp.zeros((), jnp.int32)}
-
-    want_state, want = jax.device_get(full(fresh(), batch))
-    got_state, got = jax.device_get(micro(fresh(), batch))
+    want_state, want = jax.device_get(full.step(full.init(), batch))
+    got_state, got = jax.device_get(micro.step(micro.init(), batch))
     assert set(got) == set(want)
     for key in ("loss", "ce", "mtp_loss", "z_loss", "valid_tokens", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(got["expert_counts"], want["expert_counts"])
     assert bool(got["finite"]) and int(got["dropped"]) == int(want["dropped"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 got_state["params"], want_state["params"])
-    jax.tree.map(np.testing.assert_array_equal, got_state["biases"], want_state["biases"])
+                 got_state.params, want_state.params)
+    jax.tree.map(np.testing.assert_array_equal, got_state.biases, want_state.biases)
 
 
 def test_loop_with_micro_batches_on_a_mesh_matches_one_batch(tmp_path):

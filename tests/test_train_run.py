@@ -70,8 +70,8 @@ def test_resume_is_exact(full_run, tmp_path):
     for s in range(1, STEPS + 1):
         assert losses[s] == full["losses"][s], (s, losses[s], full["losses"][s])
     for key in ("params", "biases", "opt_state", "step"):
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(second["state"][key]),
-                     jax.device_get(full["state"][key]))
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(second["state"], key)),
+                     jax.device_get(getattr(full["state"], key)))
 
 
 def _env(devices: int, cache: str) -> dict:

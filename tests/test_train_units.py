@@ -17,7 +17,8 @@ from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import balance, data, loop, loss, optimizer
-from glm_jax.train.step import train_step_fn
+from glm_jax.train.trainer import make_trainer
+from sharding.mesh import make_mesh
 from train_config import small_config
 
 
@@ -177,21 +178,14 @@ def test_bias_updates_move_a_skewed_router_toward_balance():
 @pytest.fixture(scope="module")
 def step_setup():
     """One compiled step (AdamW lr 1e-2, bias rate 1e-3) shared by the step tests."""
-    model, cfg = _small_model()
-    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
-    tx = optax.adamw(1e-2)
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.3, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3))
+    cfg = small_config(**{"train.mtp_loss_weight": 0.3, "train.z_loss_weight": 0.0,
+                          "train.bias_update_rate": 1e-3})
+    trainer = make_trainer(cfg, make_mesh({"data": 1}, jax.devices()[:1]),
+                           tx=optax.adamw(1e-2))
     rows = data.PackedRows(data.stdlib_corpus(50_000), 32)
     batch = {k: jnp.stack([jnp.asarray(rows[i][k]) for i in range(8)])
              for k in ("tokens", "segment_ids", "positions")}
-
-    def fresh_state():
-        return {"params": jax.tree.map(jnp.copy, params),
-                "biases": jax.tree.map(jnp.copy, biases), "opt_state": tx.init(params),
-                "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
-
-    return step, fresh_state, batch
+    return trainer.step, trainer.init, batch
 
 
 def test_router_bias_never_changes_through_gradients(step_setup):
@@ -200,37 +194,37 @@ def test_router_bias_never_changes_through_gradients(step_setup):
     before = jax.tree.map(np.asarray, state)
     new, m = step(state, batch)
     assert bool(m["finite"])
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["params"],
-                         jax.tree.map(np.asarray, new["params"]))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before.params,
+                         jax.tree.map(np.asarray, new.params))
     assert all(jax.tree.leaves(moved))
     # The biases changed by exactly the balancing rule on this step's counts: no gradient
     # or optimizer contribution.
     counts = m["expert_counts"]  # main MoE layers, then the MTP layer
-    old_b = before["biases"]
+    old_b = before.biases
     np.testing.assert_array_equal(
-        new["biases"]["moe_layers"]["layers"]["mlp"]["correction_bias"][...],
+        new.biases["moe_layers"]["layers"]["mlp"]["correction_bias"][...],
         old_b["moe_layers"]["layers"]["mlp"]["correction_bias"]
         + balance.bias_delta(counts[:-1], 1e-3))
     np.testing.assert_array_equal(
-        new["biases"]["mtp_layers"][0]["block"]["mlp"]["correction_bias"][...],
+        new.biases["mtp_layers"][0]["block"]["mlp"]["correction_bias"][...],
         old_b["mtp_layers"][0]["block"]["mlp"]["correction_bias"]
         + balance.bias_delta(counts[-1], 1e-3))
     # The optimizer state holds moments for Params only.
-    assert len(jax.tree.leaves(new["opt_state"][0].mu)) == len(jax.tree.leaves(new["params"]))
+    assert len(jax.tree.leaves(new.opt_state[0].mu)) == len(jax.tree.leaves(new.params))
 
 
 def test_non_finite_step_is_skipped_and_counted(step_setup):
     step, fresh_state, batch = step_setup
     state = fresh_state()
-    state["params"]["lm_head"]["kernel"][...] = (
-        state["params"]["lm_head"]["kernel"][...].at[0, 0].set(jnp.inf))
+    state.params["lm_head"]["kernel"][...] = (
+        state.params["lm_head"]["kernel"][...].at[0, 0].set(jnp.inf))
     before = jax.tree.map(np.asarray, state)
     new, m = step(state, batch)
     assert not bool(m["finite"])
-    assert int(new["skipped"]) == 1 and int(new["step"]) == 1
+    assert int(new.skipped) == 1 and int(new.step) == 1
     for key in ("params", "biases", "opt_state"):
-        jax.tree.map(np.testing.assert_array_equal, before[key],
-                     jax.tree.map(np.asarray, new[key]))
+        jax.tree.map(np.testing.assert_array_equal, getattr(before, key),
+                     jax.tree.map(np.asarray, getattr(new, key)))
 
 
 # ------------------------------------------------------------------ optimizer
@@ -301,16 +295,16 @@ def test_init_from_loads_a_converted_checkpoint(tmp_path):
 
     cfg = small_config()
     model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
-    mesh = loop.make_mesh(loop.resolve_axes({"data": -1}, jax.device_count()))
-    state = loop.programs(cfg, model_cfg, mesh).init_state()
+    mesh = make_mesh(loop.resolve_axes({"data": -1}, jax.device_count()))
+    state = make_trainer(cfg, mesh).init()
     # "Converted" weights: the run's own init, shifted, so a load is visible in every leaf.
     pure = jax.tree.map(lambda x: np.asarray(x) + 0.5, jax.device_get(
-        nnx.to_pure_dict(nnx.merge_state(state["params"], state["biases"]))))
+        nnx.to_pure_dict(nnx.merge_state(state.params, state.biases))))
     save(tmp_path / "ckpt", pure, model_cfg.to_hf())
 
     checkpoint.check_init_from(str(tmp_path / "ckpt"), model_cfg)
     loaded = checkpoint.load_params(str(tmp_path / "ckpt"), state)
-    got = nnx.to_pure_dict(nnx.merge_state(loaded["params"], loaded["biases"]))
+    got = nnx.to_pure_dict(nnx.merge_state(loaded.params, loaded.biases))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), pure)
 
     with pytest.raises(ValueError, match="hidden_size"):
@@ -361,11 +355,11 @@ def test_worker_processes_give_the_same_stream_and_resume():
 def test_expert_parallel_training_matches_data_parallel(tmp_path):
     """Training on an expert=8 mesh is exact: the same losses as data=8 on the same batches.
     The loop traces its step under jax.set_mesh, which is what exposes the `expert` axis to
-    the MoE (checked first); without it the MoE would silently run the single-device path."""
+    the MoE (checked first); without it the MoE, built for that mesh, refuses to run."""
     from sharding.expert_parallel import expert_axis_size
     from sharding.mesh import make_mesh
 
-    with jax.set_mesh(make_mesh({"expert": 8})):  # what loop.Programs.step does
+    with jax.set_mesh(make_mesh({"expert": 8})):  # what Trainer.step does
         assert int(jax.jit(lambda: expert_axis_size() * jnp.ones(()))()) == 8
     changes = {"train.steps": 3, "checkpoint.every": 0, "model.n_routed_experts": 8}
     ep = loop.run(small_config(**changes, **{"train.mesh": "expert=8"}), str(tmp_path / "ep"),

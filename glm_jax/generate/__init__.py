@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax.kv_cache import KVCache, forward_cached, init_cache, mtp_cached
+from glm_jax.kv_cache import KVCache, init_cache
 from glm_jax.model.transformer import GlmForCausalLM
 
 __all__ = ["GenerateOutput", "generate", "sample"]
@@ -104,6 +104,18 @@ def _at(x: jax.Array, i: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, j: row[j])(x, i)
 
 
+def _slots(index: jax.Array, ids: jax.Array) -> jax.Array:
+    """[B, T] positions (= cache slots) of tokens `ids` written from slot index[b] on."""
+    return index[:, None] + jnp.arange(ids.shape[1], dtype=index.dtype)[None, :]
+
+
+def _forward(model: GlmForCausalLM, ids: jax.Array, cache: KVCache, index: jax.Array
+             ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The model on `ids` [B, T] at slots index[b].. -> (logits, hidden states, cache)."""
+    out = model(ids, positions=_slots(index, ids), cache=cache)
+    return out.logits, out.hidden_states, out.cache
+
+
 def _placement(state) -> jax.sharding.Sharding:
     """Where the cache and the step outputs live: replicated over the weights' mesh, or on
     their one device. Pinning every output to it keeps each step's argument shardings the
@@ -128,7 +140,7 @@ def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling:
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)
-    logits, hidden, cache = forward_cached(model, prompt, cache, zeros)
+    logits, hidden, cache = _forward(model, prompt, cache, zeros)
     last = lengths - 1
     token = _draw(_at(logits, last), key, sampling)
     if not draft:
@@ -137,7 +149,8 @@ def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling:
     # last prompt position. Slots past a row's length get junk that the mask hides.
     next_ids = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
     next_ids = jax.vmap(lambda row, j, tok: row.at[j].set(tok))(next_ids, last, token)
-    mtp_logits, cache = mtp_cached(model, next_ids, hidden, cache, zeros)
+    mtp_logits, cache = model.mtp_draft(next_ids, hidden, positions=_slots(zeros, next_ids),
+                                        cache=cache)
     draft_ids = jnp.argmax(_at(mtp_logits, last), axis=-1).astype(jnp.int32)
     return _pin((token, draft_ids, cache), placement)
 
@@ -148,7 +161,7 @@ def _decode_step(graphdef, state, token, index, cache: KVCache, key, *, sampling
                  placement):
     """Plain decoding: token [B] at slot index[b] -> (next token [B], cache)."""
     model = nnx.merge(graphdef, state)
-    logits, _, cache = forward_cached(model, token[:, None], cache, index)
+    logits, _, cache = _forward(model, token[:, None], cache, index)
     return _pin((_draw(logits[:, 0], key, sampling), cache), placement)
 
 
@@ -160,15 +173,15 @@ def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key,
     Returns (x0, x1, accepted, new draft, cache): x0 is the model's token for index+1; when
     accepted (x0 == draft), x1 is its token for index+2."""
     model = nnx.merge(graphdef, state)
-    logits, hidden, cache = forward_cached(model, jnp.stack([token, draft], axis=1), cache,
-                                           index)
+    logits, hidden, cache = _forward(model, jnp.stack([token, draft], axis=1), cache, index)
     chosen = _draw(logits, key, sampling)  # [B, 2]
     x0, x1 = chosen[:, 0], chosen[:, 1]
     accepted = x0 == draft
     # MTP at slot index reads (hidden at index, x0): right in both cases. At index+1 it reads
     # (hidden at index+1, x1), valid only when the draft was accepted; otherwise that slot is
     # rewritten by the next step before anything attends to it.
-    mtp_logits, cache = mtp_cached(model, chosen, hidden, cache, index)
+    mtp_logits, cache = model.mtp_draft(chosen, hidden, positions=_slots(index, chosen),
+                                        cache=cache)
     new_draft = jnp.argmax(_at(mtp_logits, accepted.astype(jnp.int32)), axis=-1)
     return _pin((x0, x1, accepted, new_draft.astype(jnp.int32), cache), placement)
 

@@ -73,7 +73,7 @@ class Attention(nnx.Module):
         self.q_proj = Linear(h, nh * d, ("embed", "q_heads"), use_bias=bias, **kw)
         self.k_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
         self.v_proj = Linear(h, nkv * d, ("embed", "kv_heads"), use_bias=bias, **kw)
-        # o_proj has no bias even when attention_bias is true (pitfall 4).
+        # o_proj has no bias even when attention_bias is true (transformers' Glm4MoeAttention).
         self.o_proj = Linear(nh * d, h, ("q_heads", "embed"), use_bias=False, **kw)
         if config.use_qk_norm:
             norm = dict(axis_name="head_dim", param_dtype=config.param_dtype)
@@ -110,20 +110,21 @@ class Attention(nnx.Module):
                 out = _einsum_attention(q, k, v, mask, scale)
         return self.o_proj(out)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 mask: jax.Array) -> jax.Array:
-        return self._attend(*self._qkv(x, cos, sin), mask, self_attention=True)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H] -> (output [B, T, H], updated kv or None).
 
-    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               k_cache: jax.Array, v_cache: jax.Array, index: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Decoding: write this call's keys / values into the caches [B, S_max, NKV, D] at
-        slot index[b] of each row, then attend over the whole cache. mask [B, T, S_max] must
-        hide the slots not written yet (see glm_jax.kv_cache.cache_mask).
-        Returns (output, k_cache, v_cache)."""
+        Without `kv` (training, scoring): self-attention over the T positions, mask
+        [B, T, T]. With `kv` = (k_cache, v_cache) [B, S_max, NKV, D] (decoding): this call's
+        keys / values are written at slots index[b].. of each row, then the queries attend
+        over the whole cache; mask [B, T, S_max] must hide the slots not written yet (see
+        glm_jax.kv_cache.cache_mask)."""
         q, k, v = self._qkv(x, cos, sin)
+        if kv is None:
+            return self._attend(q, k, v, mask, self_attention=True), None
         write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(
             c, u.astype(c.dtype), i, axis=0))
-        k_cache, v_cache = write(k_cache, k, index), write(v_cache, v, index)
-        return self._attend(q, k_cache.astype(q.dtype), v_cache.astype(v.dtype), mask), \
-            k_cache, v_cache
+        k_cache, v_cache = write(kv[0], k, index), write(kv[1], v, index)
+        out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(v.dtype), mask)
+        return out, (k_cache, v_cache)

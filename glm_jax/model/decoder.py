@@ -28,31 +28,29 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: GlmConfig, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, *, moe: bool, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         norm = dict(axis_name="embed", param_dtype=config.param_dtype)
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.attn = Attention(config, rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
-        self.mlp = (MoE(config, rngs=rngs) if moe
+        self.mlp = (MoE(config, rngs=rngs, mesh=mesh) if moe
                     else Mlp(config, config.intermediate_size, rngs=rngs))
 
-    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x, cos, sin, mask, kv=None, index=None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (x, aux): the MoE's counts / drops, and with a KV cache `kv` (see
+        Attention) the updated cache as aux["kv"]."""
         # The scopes name the parts in XLA's op metadata (bench/op_profile.py).
         with jax.named_scope("attention"):
-            x = x + self.attn(self.input_norm(x), cos, sin, mask)
+            a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+            x = x + a
         with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
             out = self.mlp(self.post_attn_norm(x))
         y, aux = out if isinstance(out, tuple) else (out, {})
+        if kv is not None:
+            aux = dict(aux, kv=kv)
         return x + y, aux
-
-    def cached(self, x, cos, sin, mask, k_cache, v_cache, index):
-        """`__call__` with a KV cache (Attention.cached). Returns (x, k_cache, v_cache)."""
-        a, k_cache, v_cache = self.attn.cached(self.input_norm(x), cos, sin, mask,
-                                               k_cache, v_cache, index)
-        x = x + a
-        out = self.mlp(self.post_attn_norm(x))
-        y = out[0] if isinstance(out, tuple) else out
-        return x + y, k_cache, v_cache
 
 
 class LayerStack(nnx.Module):
@@ -60,17 +58,27 @@ class LayerStack(nnx.Module):
 
     Running them with one scan keeps compile time flat in depth."""
 
-    def __init__(self, config: GlmConfig, num_layers: int, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, num_layers: int, *, moe: bool, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(config, moe=moe, rngs=rngs)
+            return DecoderLayer(config, moe=moe, rngs=rngs, mesh=mesh)
 
         self.layers = make(rngs)
         self.remat_policy = config.remat_policy
 
-    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns the output and the per-layer aux dict, each entry stacked [layers, ...]."""
+    def __call__(self, x, cos, sin, mask, kv=None, index=None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns the output and the per-layer aux dict, each entry stacked [layers, ...].
+        With a KV cache `kv` = (k, v) [layers, B, S_max, NKV, D] (decoding), the caches are
+        scanned with the weights and aux["kv"] is the updated cache."""
+        if kv is not None:  # decoding: no backward pass, so no rematerialization
+            def step(x, layer, kv):
+                return layer(x, cos, sin, mask, kv, index)
+
+            return nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+                x, self.layers, kv)
 
         def body(x, layer):
             x, aux = layer(constrain(x, RESIDUAL_AXES), cos, sin, mask)
@@ -80,15 +88,3 @@ class LayerStack(nnx.Module):
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat_policy])
         return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
             constrain(x, RESIDUAL_AXES), self.layers)
-
-    def cached(self, x, cos, sin, mask, k_cache, v_cache, index):
-        """Decoding: the caches [layers, B, S_max, NKV, D] are scanned with the weights.
-        Returns (x, k_cache, v_cache)."""
-
-        def body(x, layer, k, v):
-            x, k, v = layer.cached(x, cos, sin, mask, k, v, index)
-            return x, (k, v)
-
-        x, (k_cache, v_cache) = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0),
-                                         out_axes=(nnx.Carry, 0))(x, self.layers, k_cache, v_cache)
-        return x, k_cache, v_cache

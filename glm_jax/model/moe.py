@@ -19,7 +19,8 @@ def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: G
     """x [N, H] -> (weights [N, k] float32, expert ids [N, k] int32).
 
     Runs in float32. The correction bias only decides *which* experts are chosen; the
-    mixing weights are the plain sigmoid scores (pitfall 7)."""
+    mixing weights are the plain sigmoid scores, as in transformers' Glm4MoeTopkRouter:
+    adding the bias to the weights too would change the output, not only the choice."""
     scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
     choice = scores + correction_bias.astype(jnp.float32)
     if config.n_group > 1:
@@ -60,10 +61,20 @@ def sorted_experts(x, idx, weights, w_gate, w_up, w_down, backend: str,
 
 
 class MoE(nnx.Module):
-    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+    """Router + routed experts + shared expert.
+
+    `mesh` is the device mesh the layer was built (or placed, `sharding.rules.shard_model`)
+    for: with an `expert` axis > 1 the routed experts run expert-parallel over it
+    (sharding.expert_parallel), otherwise on each device's own tokens. The call must run
+    under that same mesh (`jax.set_mesh`; the trainer does it); any other active mesh is
+    an error rather than a silent switch to another algorithm."""
+
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         h, e, f = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
         std, pd = config.initializer_range, config.param_dtype
-        # The router weight stays float32 whatever param_dtype says (pitfall 9).
+        # The router weight stays float32 whatever param_dtype says: transformers computes the
+        # router scores in float32, and the top-k choice must match it.
         self.router_kernel = normal_param(rngs, (h, e), ("embed", None), std, "float32")
         self.correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
         self.w_gate = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), std, pd)
@@ -72,17 +83,36 @@ class MoE(nnx.Module):
         self.shared_experts = (Mlp(config, config.shared_intermediate_size, rngs=rngs)
                                if config.n_shared_experts else None)
         self.config = config
+        self.mesh = mesh
 
     def _routed(self, flat, idx, weights, w):
         """The routed experts through the configured backend, expert-parallel on a mesh."""
         cfg = self.config
         if cfg.moe_backend == "dense":
             return dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
-        if expert_axis_size() > 1:  # an active mesh (jax.set_mesh) with expert > 1
+        if self._expert_parallel():
             return expert_parallel_ffn(
                 flat, idx, weights, *w, local_ffn=SORTED_BACKENDS[cfg.moe_backend],
                 capacity_factor=cfg.capacity_factor)
         return sorted_experts(flat, idx, weights, *w, cfg.moe_backend, cfg.capacity_factor)
+
+    def _expert_parallel(self) -> bool:
+        """True when the experts run expert-parallel; raises ValueError when the active mesh
+        is not the one this layer was built for (see the class docstring)."""
+        active = jax.sharding.get_abstract_mesh()
+        ep = expert_axis_size(self.mesh) if self.mesh is not None else 1
+        if ep > 1 and (active.empty or dict(active.shape) != dict(self.mesh.shape)):
+            raise ValueError(
+                f"MoE built for mesh {dict(self.mesh.shape)} (expert-parallel) is called "
+                f"under {'no mesh' if active.empty else dict(active.shape)}: call the model "
+                "under jax.set_mesh(its mesh)")
+        if ep == 1 and expert_axis_size(active) > 1:
+            raise ValueError(
+                f"MoE built for {'no mesh' if self.mesh is None else dict(self.mesh.shape)} "
+                f"is called under mesh {dict(active.shape)} with expert > 1: place the model "
+                "on that mesh first (sharding.rules.shard_model(model, mesh), or "
+                "GlmForCausalLM(config, rngs=..., mesh=mesh))")
+        return ep > 1
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, T, H] -> (y [B, T, H], {"counts": [E] token-expert pairs per expert,

@@ -19,7 +19,8 @@ from glm_jax.model.params import Linear
 
 
 class MtpLayer(nnx.Module):
-    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         norm = dict(axis_name="embed", param_dtype=config.param_dtype)
         h = config.hidden_size
         self.embed_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: enorm
@@ -27,34 +28,28 @@ class MtpLayer(nnx.Module):
         self.eh_proj = Linear(2 * h, h, ("mlp", "embed"), use_bias=False,
                               std=config.initializer_range, dtype=config.dtype,
                               param_dtype=config.param_dtype, rngs=rngs)
-        self.block = DecoderLayer(config, moe=True, rngs=rngs)  # always MoE
+        self.block = DecoderLayer(config, moe=True, rngs=rngs, mesh=mesh)  # always MoE
         self.final_norm = RMSNorm(h, config.rms_norm_eps, **norm)  # HF: shared_head.norm
         self.remat_policy = config.remat_policy
 
-    def __call__(self, next_embeds, hidden, cos, sin, mask):
+    def __call__(self, next_embeds, hidden, cos, sin, mask, kv=None, index=None):
         """next_embeds: embeddings of the tokens one ahead; hidden: previous depth's output.
-        Returns (this depth's hidden state, normed for the head; aux)."""
+        Returns (this depth's hidden state, normed for the head; aux). With this layer's KV
+        cache `kv` (decoding, see Attention) aux["kv"] is the updated cache."""
         # The embedding comes first in the concat (all code and the weights agree).
         u = self.eh_proj(jnp.concatenate(
             [self.embed_norm(next_embeds), self.hidden_norm(hidden)], axis=-1))
 
         def block(layer, u):
-            return layer(u, cos, sin, mask)
+            return layer(u, cos, sin, mask, kv, index)
 
         # The same rematerialization as the layer stacks: without it the MTP block, which
         # runs outside them, keeps every activation (attention scores, expert-exchange
         # buffers) alive from its forward to its backward pass.
-        if self.remat_policy != "none":
+        if self.remat_policy != "none" and kv is None:
             block = nnx.remat(block, policy=REMAT_POLICIES[self.remat_policy])
         v, aux = block(self.block, u)
         return self.final_norm(v), aux
-
-    def cached(self, next_embeds, hidden, cos, sin, mask, k_cache, v_cache, index):
-        """`__call__` with this layer's own KV cache. Returns (hidden, k_cache, v_cache)."""
-        u = self.eh_proj(jnp.concatenate(
-            [self.embed_norm(next_embeds), self.hidden_norm(hidden)], axis=-1))
-        v, k_cache, v_cache = self.block.cached(u, cos, sin, mask, k_cache, v_cache, index)
-        return self.final_norm(v), k_cache, v_cache
 
 
 def shift_left(x: jax.Array, k: int) -> jax.Array:

@@ -62,6 +62,9 @@ class Rule:
     decay: bool
     dims: MatrixDims | None
     what: str
+    # A row left undecayed by convention names the switch that decays it anyway
+    # (`decay_mask(..., opt_in=...)`, the config's optimizer.decay_<opt_in>).
+    opt_in: str | None = None
 
 
 def _attn(*names: str) -> tuple[str, ...]:
@@ -70,10 +73,10 @@ def _attn(*names: str) -> tuple[str, ...]:
 
 TABLE: tuple[Rule, ...] = (
     Rule(("*correction_bias",), "refused", False, None, "router selection bias (RouterBias)"),
-    Rule(("embed",), ADAMW, False, None, "token embedding"),
+    Rule(("embed",), ADAMW, False, None, "token embedding", opt_in="embeddings"),
     Rule(("lm_head.kernel",), ADAMW, True, None, "output head"),
-    Rule(("*.scale", "scale"), ADAMW, False, None, "RMSNorm gains"),
-    Rule(("*.bias",), ADAMW, False, None, "attention biases"),
+    Rule(("*.scale", "scale"), ADAMW, False, None, "RMSNorm gains", opt_in="norms_and_biases"),
+    Rule(("*.bias",), ADAMW, False, None, "attention biases", opt_in="norms_and_biases"),
     Rule(("*mlp.router_kernel",), ADAMW, True, None, "router gate"),
     Rule(_attn("q", "k", "v", "o"), MUON, True, KERNEL, "attention q/k/v/o"),
     Rule(tuple(f"*mlp.{n}_proj.kernel" for n in ("gate", "up", "down")), MUON, True, KERNEL,
@@ -143,9 +146,10 @@ def param_labels(params: Any) -> Any:
     return _map(lambda name, rule: rule.optimizer, params)
 
 
-def decay_mask(params: Any) -> Any:
-    """Tree of bools: True where decoupled weight decay applies (see `TABLE`)."""
-    return _map(lambda name, rule: rule.decay, params)
+def decay_mask(params: Any, opt_in: tuple[str, ...] = ()) -> Any:
+    """Tree of bools: True where decoupled weight decay applies: the `decay` column of
+    `TABLE`, plus the rows whose `opt_in` switch is listed (e.g. ("embeddings",))."""
+    return _map(lambda name, rule: rule.decay or rule.opt_in in opt_in, params)
 
 
 def matrix_dims(params: Any) -> Any:

@@ -68,8 +68,8 @@ def newton_schulz(x: jax.Array, coeffs: Sequence[tuple[float, float, float]], ep
                           preferred_element_type=jnp.float32)
 
     # Rescale by the power of two nearest the max first, so the Frobenius norm neither
-    # underflows nor is swamped by eps for tiny gradients (muon.md pitfall 4) and NS stays
-    # scale invariant down to denormals. A power of two is exact: no extra rounding.
+    # underflows nor is swamped by eps for tiny gradients (squaring a 1e-20 entry
+    # underflows float32) and NS stays scale invariant down to denormals. A power of two is exact: no extra rounding.
     peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
     _, exponent = jnp.frexp(jnp.maximum(peak, jnp.finfo(jnp.float32).tiny))
     x = jnp.ldexp(x, -exponent)

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from glm_jax.train.step import TrainState
+from glm_jax.train.trainer import TrainState
 
 
 def make_manager(directory: str, *, every: int, keep: int, async_save: bool
@@ -30,7 +30,7 @@ def make_manager(directory: str, *, every: int, keep: int, async_save: bool
 
 
 def _model_pure(state: TrainState) -> dict:
-    return nnx.to_pure_dict(nnx.merge_state(state["params"], state["biases"]))
+    return nnx.to_pure_dict(nnx.merge_state(state.params, state.biases))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
@@ -38,8 +38,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
     """Save if the manager's interval says so (or `force`); asynchronous when configured."""
     if not (force or manager.should_save(step)):
         return False
-    train = {"opt_state": state["opt_state"], "step": state["step"],
-             "skipped": state["skipped"]}
+    train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
     return manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(_model_pure(state)),
         train=ocp.args.StandardSave(train),
@@ -54,8 +53,8 @@ def _abstract(tree: Any) -> Any:
 def _fill(state: TrainState, pure: dict) -> tuple[nnx.State, nnx.State]:
     """Put a pure model dict into copies of the params / biases states (keeping their
     structure and the restored arrays' shardings)."""
-    params = jax.tree.map(lambda x: x, state["params"])
-    biases = jax.tree.map(lambda x: x, state["biases"])
+    params = jax.tree.map(lambda x: x, state.params)
+    biases = jax.tree.map(lambda x: x, state.biases)
     both = nnx.merge_state(params, biases)
     nnx.replace_by_pure_dict(both, pure)
     params_new, biases_new = nnx.split_state(both, nnx.Param, ...)
@@ -65,15 +64,14 @@ def _fill(state: TrainState, pure: dict) -> tuple[nnx.State, nnx.State]:
 def restore(manager: ocp.CheckpointManager, step: int, state: TrainState,
             data_iter: grain.DatasetIterator) -> TrainState:
     """Restore into the structure and shardings of `state`; `data_iter` is set in place."""
-    train = {"opt_state": state["opt_state"], "step": state["step"],
-             "skipped": state["skipped"]}
+    train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
     out = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(_model_pure(state))),
         train=ocp.args.StandardRestore(_abstract(train)),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     params, biases = _fill(state, out["params"])
-    return {"params": params, "biases": biases, "opt_state": out["train"]["opt_state"],
-            "step": out["train"]["step"], "skipped": out["train"]["skipped"]}
+    return TrainState(params=params, biases=biases, opt_state=out["train"]["opt_state"],
+                      step=out["train"]["step"], skipped=out["train"]["skipped"])
 
 
 def _params_dir(path: str) -> str:
@@ -121,4 +119,4 @@ def load_params(path: str, state: TrainState) -> TrainState:
     pure = ocp.StandardCheckpointer().restore(_params_dir(path),
                                               _abstract(_model_pure(state)))
     params, biases = _fill(state, pure)
-    return dict(state, params=params, biases=biases)
+    return state.replace(params=params, biases=biases)

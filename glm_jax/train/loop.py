@@ -8,27 +8,21 @@ SIGTERM/SIGINT -> save and stop) -> final checkpoint and plots.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from glm_jax import heap
 from glm_jax.config import GlmConfig
-from glm_jax.model.params import RouterBias
-from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer
-from glm_jax.train.microbatch import microbatch_train_step_fn
+from glm_jax.train.trainer import make_trainer
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
-from sharding.rules import opt_state_shardings, partition_spec
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -81,94 +75,14 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         jax.distributed.initialize()
 
 
-class Programs:
-    """The jitted programs of one (model, optimizer, loss, mesh) setting: model creation,
-    optimizer init and the train step. Cached per setting, so repeated `run` calls in one
-    process (resume, sweeps, tests) compile once."""
-
-    def __init__(self, model_cfg: GlmConfig, opt_cfg, t, mesh: jax.sharding.Mesh):
-        def make():
-            return GlmForCausalLM(model_cfg, rngs=nnx.Rngs(t.seed))
-
-        abstract = nnx.eval_shape(make)
-
-        def spec(var):
-            axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-            return NamedSharding(mesh, partition_spec(axes, mesh))
-
-        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-        shardings = jax.tree.map(spec, nnx.state(abstract), is_leaf=is_var)
-        # One jitted call creates the weights straight into their shardings (eager creation
-        # compiles every initializer op separately and materializes unsharded weights).
-        self._create = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
-        self.graphdef, abstract_params, _, rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
-        if jax.tree.leaves(rest):
-            raise TypeError(f"model has state that is neither Param nor RouterBias: {rest}")
-        placed = jax.tree.map(  # abstract Params with their shardings, for Muon
-            lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec(v))),
-            abstract_params, is_leaf=is_var)
-        self.tx, self.schedule = optimizer.make_optimizer(opt_cfg, t.steps, placed)
-        self.mesh = mesh
-        # Optimizer state lives where its parameter lives (Adam's mu and nu, momentum);
-        # counters are replicated. Left to jit, the moments came out replicated: every
-        # device held them whole and the step gathered the expert weights to update them.
-        param_shardings = jax.tree.map(lambda v: v.replace(spec(v)), abstract_params,
-                                       is_leaf=is_var)
-        self._init_opt = jax.jit(self.tx.init, out_shardings=opt_state_shardings(
-            self.tx, abstract_params, param_shardings, mesh))
-        self._step_fn = microbatch_train_step_fn(
-            self.graphdef, self.tx, micro_batches=t.micro_batches,
-            mtp_loss_weight=t.mtp_loss_weight, z_loss_weight=t.z_loss_weight,
-            bias_update_rate=t.bias_update_rate)
-        self._step = None
-
-    def init_state(self) -> dict[str, Any]:
-        graphdef, params, biases = nnx.split(nnx.merge(self.graphdef, self._create()),
-                                             nnx.Param, RouterBias)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        state = {"params": params, "biases": biases, "opt_state": self._init_opt(params),
-                 "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
-        # Leaves that jit left on one device (counters) are replicated over the mesh.
-        return jax.tree.map(
-            lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
-            else jax.device_put(x, replicated), state)
-
-    def _jitted_step(self, state, batch):
-        if self._step is None:
-            state_sharding = jax.tree.map(lambda x: x.sharding, state)
-            batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
-            self._step = jax.jit(self._step_fn, in_shardings=(state_sharding, batch_sharding),
-                                 out_shardings=(state_sharding, None), donate_argnums=(0,))
-        return self._step
-
-    def step(self, state, batch):
-        # Traced under the mesh, so the MoE sees the `expert` axis and dispatches by
-        # all-to-all (sharding.expert_parallel); without it, jit's abstract mesh is empty.
-        with jax.set_mesh(self.mesh):
-            return self._jitted_step(state, batch)(state, batch)
-
-    def compile_step(self, state, batch) -> jax.stages.Compiled:
-        """The executable `step` runs for these (placed) arguments, compiled exactly as
-        `step` compiles it: for inspecting its HLO and memory (tests, benchmarks)."""
-        with jax.set_mesh(self.mesh):
-            return self._jitted_step(state, batch).lower(state, batch).compile()
-
-
-_PROGRAMS: dict[str, Programs] = {}
-
-
-def programs(cfg: ml_collections.ConfigDict, model_cfg: GlmConfig, mesh) -> Programs:
-    key = json.dumps([cfg.model.to_dict(), cfg.optimizer.to_dict(), cfg.train.to_dict(),
-                      dict(mesh.shape), [d.id for d in mesh.devices.flat]],
-                     sort_keys=True, default=str)
-    if key not in _PROGRAMS:
-        _PROGRAMS.clear()  # keep one setting: compiled programs hold memory
-        _PROGRAMS[key] = Programs(model_cfg, cfg.optimizer, cfg.train, mesh)
-    return _PROGRAMS[key]
-
-
 class _StopFlag:
-    """SIGTERM / SIGINT: finish the current step, save, exit."""
+    """SIGTERM / SIGINT: finish the current step, save, exit.
+
+    Why not orbax's `CheckpointManager.reached_preemption`: it relies on JAX's preemption
+    sync manager, which exists only in multi-process runs started by
+    `jax.distributed.initialize` and listens for SIGTERM only; a single-process run (and
+    Ctrl-C) would never stop cleanly. One int32 all-gathered per step agrees on a stop in
+    every setting."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -221,9 +135,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    progs = programs(cfg, model_cfg, mesh)
-    schedule = progs.schedule
-    state = progs.init_state()
+    trainer = make_trainer(cfg, mesh)
+    schedule = trainer.schedule
+    state = trainer.init()
 
     dataset = data.make_dataset(
         corpus, seq_len=t.seq_len, global_batch=t.batch_size, seed=cfg.data.seed,
@@ -238,14 +152,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     latest = manager.latest_step()
     if latest is not None:
         state = checkpoint.restore(manager, latest, state, data_iter)
-        start, source = int(state["step"]), f"resumed from step {latest}"
+        start, source = int(state.step), f"resumed from step {latest}"
     elif cfg.init_from:
         state = checkpoint.load_params(cfg.init_from, state)
         start, source = 0, f"initialized from {cfg.init_from}"
     else:
         start, source = 0, "from scratch"
-
-    batch_sharding = NamedSharding(mesh, partition_spec(("batch", "seq"), mesh))
 
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
@@ -257,12 +169,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     config_json = cfg.to_dict()
     if lead:
         print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
-              f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
+              f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params; "
               f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
-              f"workdir {workdir}", flush=True)
+              f"workdir {workdir}"
+              # XLA:CPU is where malloc's page faults cost step time.
+              + (f"; heap {heap.describe()}" if mesh.devices.flat[0].platform == "cpu" else ""),
+              flush=True)
 
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+        return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
                 for k, v in local.items()}
 
     losses: dict[int, float] = {}
@@ -275,7 +190,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     with _StopFlag() as stop:
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         while step < end:
-            state, m = progs.step(state, global_batch(next(data_iter)))
+            state, m = trainer.step(state, global_batch(next(data_iter)))
             step += 1
             if step % t.log_every == 0 or step == t.steps or step == start + 1:
                 m = jax.device_get(m)
@@ -294,7 +209,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "load_imbalance": m["load_imbalance"],
                     "max_load_imbalance": float(np.max(m["load_imbalance"], initial=1.0)),
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
-                    "finite": bool(m["finite"]), "skipped_steps": int(state["skipped"]),
+                    "finite": bool(m["finite"]), "skipped_steps": int(state.skipped),
                 }
                 writer.write(step, {k: (None if isinstance(v, float) and np.isnan(v) else v)
                                     for k, v in record.items()})

@@ -1,5 +1,10 @@
 """Throughput accounting (model FLOPs, MFU) and the run's metric sinks: a progress bar,
-DIR/metrics.jsonl, TensorBoard events, and PNG plots at the end."""
+DIR/metrics.jsonl, TensorBoard events, and PNG plots at the end.
+
+Why not clu's metric writers / periodic actions: `clu.metric_writers` (and
+`clu.periodic_actions`, which imports it) imports TensorFlow for its SummaryWriter
+(clu 0.0.12), a dependency far heavier than the whole training stack here; tensorboardX
+writes the same event files, and a JSON-lines file plus tqdm cover the rest."""
 
 from __future__ import annotations
 

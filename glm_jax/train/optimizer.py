@@ -1,13 +1,14 @@
 """The optimizer from the config: optax AdamW (default) or the project's Muon, a learning-rate
-schedule (warmup + cosine, or warmup-stable-decay), global-norm clipping and a weight-decay
-mask."""
+schedule (warmup + cosine, or warmup-stable-decay), global-norm clipping and the weight-decay
+mask of glm_jax.optim.labels.TABLE."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import optax
+
+from glm_jax.optim import labels, muon, param_shardings
 
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -54,25 +55,14 @@ def make_schedule(opt_cfg, steps: int) -> optax.Schedule:
         [warmup, stable_end])
 
 
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path
-                 if not (hasattr(k, "name") and k.name == "value"))
-
-
 def decay_mask_fn(opt_cfg) -> Callable[[Any], Any]:
-    """True where weight decay applies. Norm scales and biases are exempt unless
-    `decay_norms_and_biases`; the token embedding unless `decay_embeddings`. The lm_head is
-    a matmul and is decayed."""
-    def decide(path, _) -> bool:
-        names = _names(path)
-        leaf = names[-1]
-        if leaf in ("scale", "bias") and not opt_cfg.decay_norms_and_biases:
-            return False
-        if names == ("embed",) and not opt_cfg.decay_embeddings:
-            return False
-        return True
-
-    return lambda params: jax.tree_util.tree_map_with_path(decide, params)
+    """True where weight decay applies: the `decay` column of glm_jax.optim.labels.TABLE
+    (norm gains, biases and the token embedding are exempt; the lm_head is a matmul and is
+    decayed), with the exempt rows switched on by `decay_embeddings` /
+    `decay_norms_and_biases`."""
+    opt_in = tuple(name for name in ("embeddings", "norms_and_biases")
+                   if opt_cfg[f"decay_{name}"])
+    return lambda params: labels.decay_mask(params, opt_in)
 
 
 def make_optimizer(opt_cfg, steps: int, params: Any = None
@@ -85,9 +75,6 @@ def make_optimizer(opt_cfg, steps: int, params: Any = None
         tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                          weight_decay=opt_cfg.weight_decay, mask=mask)
     else:
-        # Imported here so AdamW runs do not depend on the Muon module.
-        from glm_jax.optim import muon, param_shardings
-
         tx = muon(learning_rate=schedule, weight_decay=opt_cfg.weight_decay,
                   weight_decay_mask=mask, adam_b1=opt_cfg.b1, adam_b2=opt_cfg.b2,
                   adam_eps=opt_cfg.eps,
