@@ -23,7 +23,8 @@ from glm_jax import from_hf_state_dict, to_hf_state_dict
 from glm_jax.convert import convert_to_hf, convert_to_jax, load_checkpoint
 from glm_jax.model.params import RouterBias
 from glm_jax.safetensors_io import HubFolder
-from glm_jax.train.step import train_step_fn
+from glm_jax.train.loss import NextTokenLoss
+from glm_jax.train.trainer import TrainState, train_step_fn
 from hf_reference import glm_config, hf_model, hf_mtp_model, hub_state_dict, mtp_hub_state_dict
 
 VOCAB = 97
@@ -76,26 +77,26 @@ def test_train_step_gradients_equal_transformers(pair):
 
     graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
     tx = optax.sgd(1.0)
-    step = jax.jit(train_step_fn(graphdef, tx, mtp_loss_weight=0.0, z_loss_weight=0.0,
-                                 bias_update_rate=1e-3))
+    loss = NextTokenLoss(mtp_depths=model.config.num_mtp_layers)  # MTP weight 0
+    step = jax.jit(train_step_fn(graphdef, tx, loss, micro_batches=1, bias_update_rate=1e-3))
     batch = {"tokens": jnp.asarray(IDS, jnp.int32),
              "segment_ids": jnp.ones(IDS.shape, jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(IDS.shape[1], dtype=jnp.int32), IDS.shape)}
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+    state = TrainState(params=params, biases=biases, opt_state=tx.init(params),
+                       step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
     new, metrics = step(state, batch)
     assert bool(metrics["finite"])
-    grad = lambda p: np.asarray(params[p][...]) - np.asarray(new["params"][p][...])  # noqa: E731
+    grad = lambda p: np.asarray(params[p][...]) - np.asarray(new.params[p][...])  # noqa: E731
     np.testing.assert_allclose(grad("embed"), hf.model.embed_tokens.weight.grad.numpy(),
                                atol=1e-5, rtol=0)
     # A token absent from the batch reaches the embedding's gradient only through a head.
     absent = sorted(set(range(VOCAB)) - set(IDS.ravel()))[0]
     tied = model.config.tie_word_embeddings
     assert (np.abs(grad("embed")[absent]).max() > 0) == tied
-    assert ("lm_head" in new["params"]) != tied
+    assert ("lm_head" in new.params) != tied
     if not tied:
         head = np.asarray(params["lm_head"]["kernel"][...]) - np.asarray(
-            new["params"]["lm_head"]["kernel"][...])
+            new.params["lm_head"]["kernel"][...])
         np.testing.assert_allclose(head.T, hf.lm_head.weight.grad.numpy(), atol=1e-5, rtol=0)
 
 
