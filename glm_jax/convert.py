@@ -47,6 +47,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from glm_jax import orbax_stream
+from glm_jax.checkpoint_source import resolve_checkpoint
 from glm_jax.config import GlmConfig
 from glm_jax.hf_io import abstract_model, check_mtp_copies, get_path, hf_shape, leaf_from_hf, set_path
 from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names
@@ -265,14 +266,17 @@ def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
 def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                   max_shard_size: str | int = "5GB", mtp_copies: bool = True,
                   progress: bool = True) -> dict:
-    """Write a hub folder at `out` (must not exist) from an orbax checkpoint: config.json,
+    """Write a hub folder at `out` (must not exist) from a checkpoint: config.json,
     model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
-    model.safetensors.index.json. Returns {'bytes', 'seconds', 'shards'}."""
-    ckpt, out = Path(ckpt).absolute(), Path(out)  # absolute: as in convert_to_jax
+    model.safetensors.index.json. `ckpt`: a train.py workdir (latest step), one of its step
+    folders, or a converted checkpoint (glm_jax.checkpoint_source). Returns {'bytes',
+    'seconds', 'shards'}."""
+    out = Path(out)
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
     limit = parse_size(max_shard_size)
-    config = GlmConfig.from_hf(orbax_stream.read_config(ckpt))
+    source = resolve_checkpoint(ckpt, what="--ckpt")
+    ckpt, config = source.path, source.config
     dtypes = _checkpoint_leaves(ckpt, config)
     shapes = _expected_shapes(config)
     all_units = []
@@ -344,10 +348,11 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                     **compute_options) -> GlmForCausalLM:
-    """Load a checkpoint written by `convert_hf.py to-jax` (or anything with the same
-    'params' / 'config' items) as a GlmForCausalLM.
+    """Load a checkpoint as a GlmForCausalLM.
 
-    path: the checkpoint directory. mesh: None puts every array on the default device; with a
+    path: a train.py workdir (latest step), one of its step folders, or a checkpoint written
+    by `convert_hf.py to-jax` (glm_jax.checkpoint_source). The model config is the one
+    stored with the weights: a run's glm-jax model config, or the hub config.json. mesh: None puts every array on the default device; with a
     mesh, each parameter is sharded by `sharding.rules` from its logical axes and every
     device restores only its own shards. compute_options: GlmConfig compute fields (dtype,
     moe_backend, capacity_factor, remat_policy, ...). `param_dtype` defaults to the stored
@@ -361,12 +366,11 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
     from sharding.rules import partition_spec
 
-    path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
-    hf = orbax_stream.read_config(path)
+    source = resolve_checkpoint(path)
+    path = source.path
     meta = orbax_stream.params_metadata(path)
     stored = np.dtype(meta["embed"].dtype)
-    options = {"param_dtype": stored.name, **compute_options}
-    config = GlmConfig.from_hf(hf, **options)
+    config = source.config.replace(**{"param_dtype": stored.name, **compute_options})
     _checkpoint_leaves(path, config)
     graphdef, state = nnx.split(abstract_model(config))
     cast = "param_dtype" in compute_options

@@ -1,8 +1,8 @@
 """`python -m glm_jax.generate --ckpt CKPT --prompt "..." [--tokenizer tokenizer.json]
 [--speculative mtp] [--max-new-tokens 200] [--temperature 0] [--top-p 1] [--top-k K]`
 
-CKPT: a checkpoint of `convert_hf.py to-jax`, or of `train.py` (its workdir, its
-`checkpoints` folder (latest step) or one step folder). Without --tokenizer the text is
+CKPT: a `train.py` workdir (its latest step), one of its step folders, or a checkpoint of
+`convert_hf.py to-jax` (glm_jax.checkpoint_source). Without --tokenizer the text is
 byte-level, as the embedded default data of train.py: bytes 0..255, the prompt starts with
 the config's bos token and generation stops at its eos token. Tokens are printed as they
 come, then tokens/s (and the MTP acceptance rate with --speculative mtp) on stderr.
@@ -14,53 +14,13 @@ import argparse
 import codecs
 import os
 import sys
-from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
-from glm_jax import orbax_stream
+from glm_jax.checkpoint_source import resolve_checkpoint
 from glm_jax.config import GlmConfig
+from glm_jax.convert import load_checkpoint
 from glm_jax.generate import generate
-from glm_jax.model.transformer import GlmForCausalLM
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A folder holding the 'params' and 'config' items: `path` itself, its latest step
-    (a CheckpointManager root), or that of its `checkpoints` folder (a train.py workdir)."""
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt {path}: no such folder")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    steps = [d for d in path.iterdir() if d.name.isdigit() and d.is_dir()]
-    if steps:
-        path = max(steps, key=lambda d: int(d.name))
-    if not ((path / "params").is_dir() and (path / "config").is_dir()):
-        raise FileNotFoundError(f"--ckpt {path}: not a glm-jax checkpoint (expected 'params' "
-                                "and 'config' items, as train.py and convert_hf.py write)")
-    return path
-
-
-def load_model(path: str | os.PathLike, **compute_options) -> GlmForCausalLM:
-    """Load a train.py checkpoint (its config item is the run config, with a 'model'
-    section) or a converter checkpoint (config item = the hub config.json)."""
-    import orbax.checkpoint as ocp
-
-    path = resolve_checkpoint(path)
-    stored = orbax_stream.read_config(path)
-    if "model" not in stored:
-        from glm_jax.convert import load_checkpoint
-
-        return load_checkpoint(path, **compute_options)
-    config = GlmConfig.from_dict({**stored["model"], **compute_options})
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GlmForCausalLM(config,
-                                                                       rngs=nnx.Rngs(0))))
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-    pure = ocp.StandardCheckpointer().restore(path / "params", target)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 class _ByteText:
@@ -117,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.tokenizer and not os.path.isfile(args.tokenizer):
         p.error(f"--tokenizer {args.tokenizer}: no such file")
-    resolve_checkpoint(args.ckpt)  # a wrong path fails before jax does any work
+    resolve_checkpoint(args.ckpt, what="--ckpt")  # a wrong path fails before jax works
 
     options = {"moe_backend": args.moe_backend} if args.moe_backend else {}
-    model = load_model(args.ckpt, **options)
+    model = load_checkpoint(args.ckpt, **options)
     cfg = model.config
     text = _HubText(args.tokenizer) if args.tokenizer else _ByteText(cfg)
     eos = cfg.eos_token_id
