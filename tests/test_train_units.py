@@ -286,10 +286,11 @@ def test_missing_token_folder_files_and_vocab_mismatch(tmp_path):
 def test_init_from_loads_a_converted_checkpoint(tmp_path):
     """A checkpoint in the converter's layout (as glm_jax.orbax_stream.save writes it: a
     composite with 'params' = the model's pure dict as zarr3, 'config' = config.json) loads
-    into the run's state; a different architecture is refused before compiling."""
+    into the run's state; the run takes its architecture, and a flag that changes a
+    parameter shape is refused before compiling."""
     import orbax.checkpoint as ocp
 
-    from glm_jax.train import checkpoint
+    from glm_jax.train import checkpoint, run_config
 
     def save(path, tree, config_json):
         handler = ocp.CompositeCheckpointHandler(
@@ -308,15 +309,22 @@ def test_init_from_loads_a_converted_checkpoint(tmp_path):
         nnx.to_pure_dict(nnx.merge_state(state["params"], state["biases"]))))
     save(tmp_path / "ckpt", pure, model_cfg.to_hf())
 
-    checkpoint.check_init_from(str(tmp_path / "ckpt"), model_cfg)
     loaded = checkpoint.load_params(str(tmp_path / "ckpt"), state)
     got = nnx.to_pure_dict(nnx.merge_state(loaded["params"], loaded["biases"]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), pure)
 
-    with pytest.raises(ValueError, match="hidden_size"):
-        bad = small_config(**{"model.hidden_size": 64})
-        bad.init_from = str(tmp_path / "ckpt")
-        loop.validate(bad)
+    other = small_config(**{"model.hidden_size": 64, "model.num_experts_per_tok": 1,
+                            "model.dtype": "bfloat16"})
+    other.init_from = str(tmp_path / "ckpt")
+    resolved, step = run_config.resolve(other, str(tmp_path / "run"))
+    assert step is None
+    assert GlmConfig.from_dict(resolved.model.to_dict()) == model_cfg.replace(dtype="bfloat16")
+    # On the command line, a shape-preserving field is kept; a shape-changing one refused.
+    resolved, _ = run_config.resolve(other, str(tmp_path / "run"),
+                                     overrides=("model.num_experts_per_tok",))
+    assert resolved.model.num_experts_per_tok == 1 and resolved.model.hidden_size == 32
+    with pytest.raises(run_config.RunConfigError, match="model.hidden_size=32 .requested 64"):
+        run_config.resolve(other, str(tmp_path / "run"), overrides=("model.hidden_size",))
 
 
 def test_muon_plugs_in_through_the_config():

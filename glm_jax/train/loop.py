@@ -25,7 +25,7 @@ from tqdm import tqdm
 from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
-from glm_jax.train import checkpoint, data, metrics, optimizer
+from glm_jax.train import checkpoint, data, metrics, optimizer, run_config
 from glm_jax.train.microbatch import microbatch_train_step_fn
 from sharding.mesh import make_mesh, parse_mesh, resolve_axes
 from sharding.rules import opt_state_shardings, partition_spec
@@ -66,8 +66,6 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         _fail("data.path", cfg.data.path, "no such folder (leave empty for the embedded "
               "stdlib default)")
-    if cfg.init_from:
-        checkpoint.check_init_from(cfg.init_from, model_cfg)
     return model_cfg
 
 
@@ -196,12 +194,21 @@ class _StopFlag:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        stop_at: int | None = None) -> dict[str, Any]:
+        stop_at: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
-    only up to step `stop_at` (then save and return, as on SIGTERM).
+    only up to step `stop_at` (then save and return, as on SIGTERM). `overrides`: the
+    config fields set on the command line (see run_config.resolve).
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
-    "state": the final train state}."""
+    "state": the final train state (None when there was nothing to do)}."""
+    # The model of init_from, and the resume guard: before anything is built.
+    cfg, resume_step = run_config.resolve(cfg, workdir, overrides)
     model_cfg = validate(cfg)
+    if resume_step is not None and resume_step >= cfg.train.steps:
+        if jax.process_index() == 0:
+            print(f"{workdir} is already trained to step {resume_step} (config.train.steps="
+                  f"{cfg.train.steps}); nothing to do. Raise --config.train.steps to train "
+                  "further.", flush=True)
+        return {"losses": {}, "stopped_by": None, "state": None, "step": resume_step}
     t = cfg.train
     corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
     if corpus.vocab_size > model_cfg.vocab_size:
@@ -325,6 +332,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 def main(argv: list[str] | None = None) -> None:
     """absl entry point (train.py defines the flags)."""
     from absl import flags, logging
+    from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
@@ -334,4 +342,5 @@ def main(argv: list[str] | None = None) -> None:
     cfg = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
-    run(cfg, workdir)
+    overrides = tuple(config_flags.get_override_values(FLAGS["config"]))
+    run(cfg, workdir, overrides=overrides)
