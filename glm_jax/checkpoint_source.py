@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from glm_jax.cli_errors import ConfigError, UserError
 from glm_jax.config import GlmConfig
 
 # GlmConfig fields that say how to compute, not what the model is: a checkpoint fixes the
@@ -32,7 +33,7 @@ ACCEPTED = ("a train.py workdir (latest step), one of its step folders, or a con
             "checkpoint (glm-jax-convert to-jax)")
 
 
-class CheckpointPathError(FileNotFoundError):
+class CheckpointPathError(UserError, FileNotFoundError):
     """The path is not a checkpoint; the message names it, says what it is, and the fix."""
 
 
@@ -79,7 +80,8 @@ def resolve_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint",
     """Resolve `path` (see the module docstring) to the folder holding the weights and its
     model config. `what` names the path in errors (a flag such as '--ckpt' or a config field
     such as 'config.init_from'). Raises CheckpointPathError (a FileNotFoundError) when `path`
-    is not a checkpoint, and ValueError when its stored config is not a valid GlmConfig."""
+    is not a checkpoint, and ConfigError (a ValueError) when its stored config is not a
+    valid GlmConfig."""
     given = path
     path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
     if not path.is_dir():
@@ -106,5 +108,5 @@ def resolve_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint",
     try:
         config = model_config_of(stored, **compute_options)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} {given}: its stored model config is invalid: {e}") from None
+        raise ConfigError(f"{what} {given}: its stored model config is invalid: {e}") from None
     return ResolvedCheckpoint(path, kind, config, stored)

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from glm_jax import orbax_stream
+from glm_jax import hub_mtp, orbax_stream
 from glm_jax.checkpoint_source import resolve_checkpoint
 from glm_jax.config import GlmConfig
 from glm_jax.hf_io import abstract_model, check_mtp_copies, get_path, hf_shape, leaf_from_hf, set_path
@@ -132,15 +132,30 @@ class _LeafPlan:
     shape: tuple[int, ...]
     src_dtype: np.dtype
     dtype: np.dtype
+    fresh: bool = False  # not in the hub folder: initialised (hub_mtp)
 
 
-def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_LeafPlan]:
-    """Check every hub tensor against the config (names, shapes, dtypes) from headers only."""
+def _out_dtype(leaf: LeafMap, src: np.dtype, dtype: str | None) -> np.dtype:
+    return src if dtype is None else np.dtype(
+        "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
+
+
+def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None, *,
+                fresh_mtp: bool = False) -> list[_LeafPlan]:
+    """Check every hub tensor against the config (names, shapes, dtypes) from headers only.
+    fresh_mtp: the MTP leaves are initialised, not read (in the embedding's dtype)."""
     shapes = _expected_shapes(config)
     problems, plans, used = [], [], set()
     where = lambda n: f"{n!r} in {hub.tensors[n].file.name}"  # noqa: E731
+    embed = hub.tensors.get("model.embed_tokens.weight")
+    fresh_src = FLOAT_DTYPES.get(embed.dtype, np.dtype(np.float32)) if embed else np.dtype(
+        np.float32)
     for leaf in leaf_map(config):
         shape = tuple(get_path(shapes, leaf.path).shape)
+        if fresh_mtp and hub_mtp.is_mtp_leaf(leaf.path):
+            src = np.dtype("float32") if leaf.path[-1] in _FLOAT32_LEAVES else fresh_src
+            plans.append(_LeafPlan(leaf, shape, src, _out_dtype(leaf, src, dtype), fresh=True))
+            continue
         want, first = hf_shape(leaf, shape), None
         param = ".".join(map(str, leaf.path))
         for name in leaf.names.reshape(-1):
@@ -161,9 +176,7 @@ def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_L
                                 f"{hub.tensors[first].dtype}; parameter {param} needs one dtype")
         if first is not None:
             src = FLOAT_DTYPES[hub.tensors[first].dtype]
-            out = src if dtype is None else np.dtype(
-                "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
-            plans.append(_LeafPlan(leaf, shape, src, out))
+            plans.append(_LeafPlan(leaf, shape, src, _out_dtype(leaf, src, dtype)))
     for copy, main in mtp_copy_names(config).items():
         if copy in hub.tensors and main in hub.tensors:
             used.add(copy)
@@ -194,38 +207,59 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
-                   dtype: str | None = None, progress: bool = True) -> dict:
+                   dtype: str | None = None, progress: bool = True,
+                   missing_mtp: str | None = None, seed: int = 0) -> dict:
     """Convert a hub folder to an orbax checkpoint at `out` (must not exist). `dtype` None
     keeps every tensor's dtype; otherwise floating weights are cast to it (the router weight
-    and correction bias to float32). Returns {'bytes', 'seconds'} of the conversion."""
+    and correction bias to float32). missing_mtp: what to do when config.json has MTP layers
+    but the folder none (a transformers save_pretrained): None raises ConversionError,
+    "drop" converts without MTP, "init" initialises them from `seed` (glm_jax.hub_mtp).
+    Returns {'bytes', 'seconds', 'mtp'} of the conversion ('mtp': "dropped" /
+    "initialised" / None)."""
     out = Path(out).absolute()  # orbax's OCDBT specs reject relative paths
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
+    if missing_mtp not in (None, *hub_mtp.MISSING_MTP_CHOICES):
+        raise ValueError(f"missing_mtp={missing_mtp!r}: expected None, 'drop' or 'init'")
     hub = HubFolder(hf_dir)
-    config = GlmConfig.from_hf(hub.config_json)
-    plans = plan_to_jax(hub, config, dtype)
+    try:
+        config = GlmConfig.from_hf(hub.config_json)
+    except (TypeError, ValueError) as e:  # e.g. another model_type
+        raise ConversionError(f"{hub.path / CONFIG_FILE}: {e}") from None
+    mtp = None
+    if hub_mtp.mtp_missing(hub.tensors, config):
+        if missing_mtp is None:
+            raise ConversionError(hub_mtp.missing_mtp_message(hub.path, config))
+        if missing_mtp == "drop":
+            config, mtp = config.replace(num_nextn_predict_layers=0), "dropped"
+        else:
+            mtp = "initialised"
+    plans = plan_to_jax(hub, config, dtype, fresh_mtp=mtp == "initialised")
     try:
         check_mtp_copies(hub, config)  # reads the two copies (memory-mapped) and compares
     except ValueError as e:
         raise ConversionError(f"{hub.path}: {e}") from e
-    total = sum(hub.tensors[n].nbytes for p in plans for n in p.leaf.names.reshape(-1))
+    total = sum(int(np.prod(p.shape)) * p.src_dtype.itemsize for p in plans)
     tree = _expected_shapes(config)
     bar = _progress(total, "to-jax", progress)
 
-    def leaf_blocks(plan: _LeafPlan) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def leaf_blocks(plan: _LeafPlan, index: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         rest = len(plan.leaf.names.shape)
         for unit in units(plan.leaf, plan.shape, plan.src_dtype.itemsize):
             sub = dataclasses.replace(unit.leaf, names=unit.names)
             # Pulled after the previous block is handed over and finished writes are awaited.
             release_freed_memory()
-            value = leaf_from_hf(sub, hub, unit.block + plan.shape[rest:])
+            shape = unit.block + plan.shape[rest:]
+            value = (hub_mtp.fresh_block(plan.leaf.path, shape, plan.src_dtype, config, seed,
+                                         index, unit.start) if plan.fresh
+                     else leaf_from_hf(sub, hub, shape))
             yield unit.start + (0,) * (len(plan.shape) - rest), value.astype(plan.dtype, copy=False)
 
-    for plan in plans:
+    for index, plan in enumerate(plans):
         block = units(plan.leaf, plan.shape, plan.src_dtype.itemsize)[0].block
         set_path(tree, plan.leaf.path, orbax_stream.StreamedArray(
             plan.shape, plan.dtype, block + plan.shape[len(block):],
-            (lambda p=plan: leaf_blocks(p)),
+            (lambda p=plan, i=index: leaf_blocks(p, i)),
             on_block=lambda n, p=plan: bar.update(n * p.src_dtype.itemsize // p.dtype.itemsize)))
     tmp = _temp_dir_for(out)
     start = time.perf_counter()
@@ -236,7 +270,7 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     # Throughput counts every byte read, the MTP copies included (as `cp` would copy them).
-    return {"bytes": hub.nbytes, "seconds": time.perf_counter() - start}
+    return {"bytes": hub.nbytes, "seconds": time.perf_counter() - start, "mtp": mtp}
 
 
 def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
@@ -274,7 +308,10 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
-    limit = parse_size(max_shard_size)
+    try:
+        limit = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
     source = resolve_checkpoint(ckpt, what="--ckpt")
     ckpt, config = source.path, source.config
     dtypes = _checkpoint_leaves(ckpt, config)

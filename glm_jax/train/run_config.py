@@ -28,6 +28,7 @@ import ml_collections
 
 from glm_jax.checkpoint_source import (COMPUTE_OPTIONS, latest_step_dir, read_stored_config,
                                        resolve_checkpoint)
+from glm_jax.cli_errors import UserError
 from glm_jax.config import GlmConfig
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GlmConfig)
@@ -37,7 +38,7 @@ ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GlmConfig)
 OPTIMIZER_STATE_FIELDS = ("name",)
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError, ValueError):
     """The requested run does not fit a checkpoint it starts from; one line, with the fix."""
 
 
