@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from glm_jax.cli_errors import ConfigError, UserError
+from glm_jax.cli_errors import ConfigError, InputPathError
 from glm_jax.config import GlmConfig
 
 # GlmConfig fields that say how to compute, not what the model is: a checkpoint fixes the
@@ -33,7 +33,7 @@ ACCEPTED = ("a train.py workdir (latest step), one of its step folders, or a con
             "checkpoint (glm-jax-convert to-jax)")
 
 
-class CheckpointPathError(UserError, FileNotFoundError):
+class CheckpointPathError(InputPathError):
     """The path is not a checkpoint; the message names it, says what it is, and the fix."""
 
 

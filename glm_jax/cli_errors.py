@@ -27,6 +27,10 @@ class ConfigError(UserError, ValueError):
     """A config field or flag value that cannot work; the message names it."""
 
 
+class InputPathError(UserError, FileNotFoundError):
+    """A file or folder the user named is missing or is not what it should be."""
+
+
 def print_error(prog: str, message: object) -> int:
     """Print `prog: error: message` to stderr; returns USAGE_EXIT_CODE. Messages are one
     line, except the converter's lists of bad tensors (a summary line, then one each)."""

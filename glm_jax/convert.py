@@ -221,11 +221,15 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
     if missing_mtp not in (None, *hub_mtp.MISSING_MTP_CHOICES):
         raise ValueError(f"missing_mtp={missing_mtp!r}: expected None, 'drop' or 'init'")
+    config_file = Path(hf_dir) / CONFIG_FILE
+    if config_file.is_file():  # first: another model's folder fails on its config.json
+        try:
+            GlmConfig.from_hf(config_file)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"{config_file}: {e}; glm-jax converts GLM-4.5 "
+                                  "(glm4_moe) checkpoints") from None
     hub = HubFolder(hf_dir)
-    try:
-        config = GlmConfig.from_hf(hub.config_json)
-    except (TypeError, ValueError) as e:  # e.g. another model_type
-        raise ConversionError(f"{hub.path / CONFIG_FILE}: {e}") from None
+    config = GlmConfig.from_hf(hub.config_json)
     mtp = None
     if hub_mtp.mtp_missing(hub.tensors, config):
         if missing_mtp is None:

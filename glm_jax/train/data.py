@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator
 import grain
 import numpy as np
 
+from glm_jax.cli_errors import ArgumentParser, ConfigError, InputPathError
+
 BYTE_EOS, BYTE_BOS, BYTE_PAD = 256, 257, 258
 BYTE_VOCAB = 259  # smallest vocab_size that holds the byte tokenizer
 
@@ -100,12 +102,12 @@ TOKENS_FILE, STARTS_FILE, META_FILE = "tokens.npy", "doc_starts.npy", "meta.json
 def load_token_dir(path: str) -> Corpus:
     """A folder written by `prepare`; memory-mapped, so workers share the pages."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data.path={path!r}: no such folder (write one with "
+        raise InputPathError(f"data.path={path!r}: no such folder (write one with "
                                 "`python -m glm_jax.train.data prepare`, or leave data.path "
                                 "empty for the embedded default)")
     for name in (TOKENS_FILE, STARTS_FILE, META_FILE):
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"data.path={path!r}: missing {name}; not a prepared "
+            raise InputPathError(f"data.path={path!r}: missing {name}; not a prepared "
                                     "token folder")
     with open(os.path.join(path, META_FILE)) as f:
         meta = json.load(f)
@@ -221,12 +223,12 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
     """The endless stream of this process's batches: dicts of [global_batch / processes,
     seq_len] int32 arrays."""
     if global_batch % process_count:
-        raise ValueError(f"train.batch_size={global_batch} must divide over the "
+        raise ConfigError(f"train.batch_size={global_batch} must divide over the "
                          f"{process_count} processes")
     local_batch = global_batch // process_count
     rows = PackedRows(corpus, seq_len)
     if len(rows) < global_batch:
-        raise ValueError(f"the corpus ({corpus.num_tokens} tokens) gives {len(rows)} rows of "
+        raise ConfigError(f"the corpus ({corpus.num_tokens} tokens) gives {len(rows)} rows of "
                          f"seq_len={seq_len}, fewer than one batch of {global_batch}")
     ds = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
           .batch(local_batch, drop_remainder=True))
@@ -244,7 +246,7 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glm_jax.train.data")
+    parser = ArgumentParser(prog="python -m glm_jax.train.data")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize text / JSONL into a token folder")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl")

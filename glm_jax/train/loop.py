@@ -22,28 +22,29 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from glm_jax.cli_errors import ConfigError
 from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer, run_config
 from glm_jax.train.microbatch import microbatch_train_step_fn
-from sharding.mesh import make_mesh, parse_mesh, resolve_axes
+from sharding.mesh import make_mesh, resolve_axes
 from sharding.rules import opt_state_shardings, partition_spec
 
 
 def _fail(field: str, value: Any, why: str) -> None:
-    raise ValueError(f"config.{field}={value!r}: {why}")
+    raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     """Every check that can fail on the config alone. Returns the model config."""
     for section in ("model", "train", "optimizer", "data", "checkpoint"):
         if section not in cfg:
-            raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
+            raise ConfigError(f"config has no {section!r} section (see configs/tiny.py)")
     try:
         model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model: {e}") from None
+        raise ConfigError(f"config.model: {e}") from None
     t = cfg.train
     for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches"):
         if not isinstance(t[name], int) or t[name] < 1:
@@ -56,7 +57,7 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
         _fail("train.seq_aux_loss_weight", t.seq_aux_loss_weight,
               "the sequence-wise aux loss needs per-token router probabilities, which "
               "GlmForCausalLM does not return (only expert counts); only 0 is supported")
-    parse_mesh(t.mesh)
+    run_config.mesh_axes(t.mesh, None)  # the spelling; the device count is checked in run
     optimizer.validate(cfg.optimizer, t.steps)
     c = cfg.checkpoint
     if c.every < 0 or c.keep < 1:
@@ -214,7 +215,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     if corpus.vocab_size > model_cfg.vocab_size:
         _fail("model.vocab_size", model_cfg.vocab_size,
               f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
-    mesh_axes = resolve_axes(parse_mesh(t.mesh), jax.device_count())
+    mesh_axes = run_config.mesh_axes(t.mesh, jax.devices())
     batch_shards = mesh_axes["data"] * mesh_axes["fsdp"] * mesh_axes["expert"]
     if t.batch_size % batch_shards or t.batch_size % jax.process_count():
         _fail("train.batch_size", t.batch_size, f"must divide over the {batch_shards} batch "

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import jax
 import optax
 
+from glm_jax.cli_errors import ConfigError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
 
@@ -16,7 +18,7 @@ OPTIMIZERS = ("adamw", "muon")
 def validate(opt_cfg, steps: int) -> None:
     """Raise a clear error for a bad optimizer section (called before anything compiles)."""
     def fail(field: str, why: str) -> None:
-        raise ValueError(f"config.optimizer.{field}={opt_cfg[field]!r}: {why}")
+        raise ConfigError(f"config.optimizer.{field}={opt_cfg[field]!r}: {why}")
 
     if opt_cfg.name not in OPTIMIZERS:
         fail("name", f"must be one of {OPTIMIZERS}")

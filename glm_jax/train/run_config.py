@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -28,7 +29,7 @@ import ml_collections
 
 from glm_jax.checkpoint_source import (COMPUTE_OPTIONS, latest_step_dir, read_stored_config,
                                        resolve_checkpoint)
-from glm_jax.cli_errors import UserError
+from glm_jax.cli_errors import ConfigError, UserError
 from glm_jax.config import GlmConfig
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GlmConfig)
@@ -147,3 +148,28 @@ def _with_model(cfg: ml_collections.ConfigDict, model: dict[str, Any]
     out = ml_collections.ConfigDict(cfg.to_dict())
     out.model = ml_collections.ConfigDict(model)
     return out
+
+
+def mesh_axes(spec: str, devices: list | None) -> dict[str, int]:
+    """config.train.mesh parsed and resolved over `devices` (None: only the spelling and
+    the axis names are checked). A mesh larger than the CPU device count says how to
+    simulate more devices. Raises ConfigError."""
+    from sharding.mesh import MESH_AXES, parse_mesh, resolve_axes
+
+    axes: dict[str, int] = {}
+    try:
+        axes = parse_mesh(spec)
+        if devices is None:
+            unknown = sorted(set(axes) - set(MESH_AXES))
+            if unknown:
+                raise ValueError(f"mesh axes {unknown} unknown; the axes are {list(MESH_AXES)}")
+            return axes
+        return resolve_axes(axes, len(devices))
+    except ValueError as e:
+        hint = ""
+        wanted = math.prod(s for s in axes.values() if s > 0)
+        if devices and devices[0].platform == "cpu" and wanted > len(devices):
+            hint = (f"; on CPU, simulate {wanted} devices with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={wanted} (set before python "
+                    "starts)")
+        raise ConfigError(f"config.train.mesh={spec!r}: {e}{hint}") from None
