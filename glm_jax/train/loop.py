@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from glm_jax.cli_errors import ConfigError
 from glm_jax.config import GlmConfig
@@ -28,6 +27,7 @@ from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import checkpoint, data, metrics, optimizer, run_config
 from glm_jax.train.microbatch import microbatch_train_step_fn
+from glm_jax.train.progress import TrainProgress
 from sharding.mesh import make_mesh, resolve_axes
 from sharding.rules import opt_state_shardings, partition_spec
 
@@ -257,17 +257,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
-    peak = (t.peak_flops * jax.device_count() if t.peak_flops
-            else metrics.measure_matmul_peak() * jax.process_count())
+    if t.peak_flops:
+        peak, peak_source = t.peak_flops * jax.device_count(), "config.train.peak_flops"
+    else:
+        peak, peak_source = metrics.cached_matmul_peak()
+        peak *= jax.process_count()
     pairs_per_step = tokens_per_step * model_cfg.num_experts_per_tok * (
         model_cfg.num_moe_layers + model_cfg.num_mtp_layers)
     writer = metrics.MetricsWriter(workdir, enabled=lead)
     config_json = cfg.to_dict()
     if lead:
+        print(run_config.describe(cfg), flush=True)
         print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
               f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params; "
-              f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
-              f"workdir {workdir}", flush=True)
+              f"{flops_tok / 1e6:.1f} MFLOP/token; matmul peak {peak / 1e9:.0f} GFLOP/s "
+              f"({peak_source}); workdir {workdir}; config written to "
+              f"{run_config.write_resolved(cfg, workdir)}", flush=True)
 
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -276,8 +281,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     losses: dict[int, float] = {}
     last_counts = None
     stopped_by = None
-    bar = tqdm(total=t.steps, initial=start, disable=not (lead and progress),
-               desc="train", unit="step", dynamic_ncols=True)
+    report = TrainProgress(total=t.steps, start=start, enabled=lead and progress)
+    report.compiling()
     clock, clock_step = time.perf_counter(), start
     step = start
     with _StopFlag() as stop:
@@ -285,13 +290,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         while step < end:
             state, m = progs.step(state, global_batch(next(data_iter)))
             step += 1
+            record = None
             if step % t.log_every == 0 or step == t.steps or step == start + 1:
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 # The first step of a run includes compilation: not a throughput sample.
                 tps = (tokens_per_step * (step - clock_step) / (now - clock)
                        if step > start + 1 else float("nan"))
-                clock, clock_step = now, step
                 losses[step] = float(m["loss"])
                 last_counts = np.asarray(m["expert_counts"])
                 record = {
@@ -304,16 +309,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
                     "finite": bool(m["finite"]), "skipped_steps": int(state["skipped"]),
                 }
-                writer.write(step, {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                                    for k, v in record.items()})
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}",
-                                mfu=f"{record['mfu']:.1%}")
-            bar.update(1)
+                # No throughput before the first timed window: None, not nan.
+                record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                          for k, v in record.items()}
+                writer.write(step, record)
+                # The next window starts here: logging work is not step time.
+                clock, clock_step = time.perf_counter(), step
+            report.step(step, record)
             checkpoint.save(manager, step, state, data_iter, config_json)
             if stop.agreed():
                 stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
                 break
-        bar.close()
+        report.close()
         # Always leave the last step on disk (a no-op if the interval already saved it).
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, data_iter, config_json, force=True)

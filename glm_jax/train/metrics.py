@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from typing import Any
 
@@ -52,6 +53,40 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+def peak_cache_path() -> str:
+    """Where measured matmul peaks are kept: $GLM_JAX_CACHE, else ~/.cache/glm-jax."""
+    root = os.environ.get("GLM_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glm-jax")
+    return os.path.join(root, "matmul_peak.json")
+
+
+def cached_matmul_peak() -> tuple[float, str]:
+    """`measure_matmul_peak` once per machine and device kind, then read from the cache
+    file, so that MFU is comparable between runs (a measurement taken while other work
+    shares the machine would move every later MFU). Returns (FLOP/s, where it came from).
+    train.peak_flops replaces it altogether."""
+    device = jax.local_devices()[0]
+    key = f"{platform.node()}|{device.platform}|{device.device_kind}|{os.cpu_count()} cpus"
+    path = peak_cache_path()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key]), f"cached in {path}"
+    peak = measure_matmul_peak()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**cache, key: peak}, f, indent=1)
+        os.replace(tmp, path)
+        return peak, f"measured now, cached in {path}"
+    except OSError:  # a read-only home: measure every run
+        return peak, "measured now (not cached)"
 
 
 class MetricsWriter:

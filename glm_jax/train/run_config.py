@@ -173,3 +173,33 @@ def mesh_axes(spec: str, devices: list | None) -> dict[str, int]:
                     f"--xla_force_host_platform_device_count={wanted} (set before python "
                     "starts)")
         raise ConfigError(f"config.train.mesh={spec!r}: {e}{hint}") from None
+
+
+RESOLVED_CONFIG_FILE = "run_config.json"
+
+
+def describe(cfg: ml_collections.ConfigDict, width: int = 100) -> str:
+    """The resolved config, a few wrapped lines per section ('model: vocab_size=320 ...')."""
+    import textwrap
+
+    lines = []
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            flat = " ".join(f"{k}={v!r}" if not isinstance(v, dict) else
+                            " ".join(f"{k}.{kk}={vv!r}" for kk, vv in v.items())
+                            for k, v in values.items())
+            lines += textwrap.wrap(f"{section}: {flat}", width, subsequent_indent="    ")
+        else:
+            lines.append(f"{section}: {values!r}")
+    return "\n".join(lines)
+
+
+def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Write the resolved config to WORKDIR/run_config.json (a temp file, then renamed);
+    every checkpoint stores it too. Returns the path."""
+    path = os.path.join(workdir, RESOLVED_CONFIG_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
