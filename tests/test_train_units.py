@@ -132,6 +132,42 @@ def test_prepare_token_folder_from_text_and_jsonl(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".prepare-")]
 
 
+def test_prepare_reports_bad_records_by_file_and_line(tmp_path, capsys):
+    """Malformed JSON, bytes that are not UTF-8, a missing text field: one line naming
+    file:line (exit code 2); --skip-bad-records drops them and counts them; --byte-level
+    needs no tokenizer and gives the embedded default's tokens."""
+    good = json.dumps({"text": "hé"}).encode()
+    lines = [good, b'{"text": "cut', good, b'{"text": "caf\xe9"}', json.dumps({"body": "x"}).encode(),
+             good]
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "d.txt").write_bytes(b"line one\nline \xff two\n")
+    out = str(tmp_path / "tokens")
+
+    def prepare(*args):
+        with pytest.raises(SystemExit) as e:
+            data.main(["prepare", *args, "--output", out, "--byte-level"])
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert prepare(str(tmp_path / "c.jsonl")).endswith(
+        "c.jsonl:2: not valid JSON (Unterminated string starting at column 10); fix or "
+        "drop the line, or pass --skip-bad-records")
+    err = prepare(str(tmp_path / "d.txt"))
+    assert "d.txt:2: not UTF-8 (byte 0xff at column 6)" in err and "\n" not in err, err
+    (tmp_path / "e.jsonl").write_bytes(lines[4] + b"\n")
+    assert "e.jsonl:1: no 'text' field (has ['body']); choose the field with --text-key" in \
+        prepare(str(tmp_path / "e.jsonl"))
+    assert not os.path.exists(out)
+
+    data.main(["prepare", str(tmp_path / "c.jsonl"), "--output", out, "--byte-level",
+               "--skip-bad-records"])
+    assert "skipped 3 bad record(s): " in capsys.readouterr().err
+    c = data.load_token_dir(out)
+    assert c.vocab_size == data.BYTE_VOCAB and len(c.doc_starts) == 3
+    doc = [data.BYTE_BOS, *"hé".encode(), data.BYTE_EOS]
+    np.testing.assert_array_equal(c.tokens, doc * 3)
+
+
 # ------------------------------------------------------------------ balancing
 def _small_model(**changes):
     cfg = small_config(**changes)

@@ -144,9 +144,12 @@ def test_every_cli_answers_a_mistake_in_one_line(run, tmp_path):
         "generate: hub folder": ([py, "-m", "glm_jax.generate", "--ckpt", str(hub),
                                   "--prompt", "x"], "glm-jax-convert to-jax"),
         "prepare: unknown flag": ([py, "-m", "glm_jax.train.data", "prepare", "a.jsonl",
-                                   "--output", str(tmp_path / "z"), "--tokenizer", "t.json",
+                                   "--output", str(tmp_path / "z"), "--byte-level",
                                    "--bogus"],
                                   "unrecognized arguments: --bogus"),
+        "plan: bad mesh": ([py, "-m", "sharding.plan", "--config", "configs/tiny.py", "--mesh",
+                            "expert=3", "--seq-len", "32", "--global-batch", "8"],
+                           "does not divide n_routed_experts=16"),
     }
     procs = {name: subprocess.Popen(cmd, env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
