@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no MTP layer in the folder: converted without it (num_nextn_predict_layers 0)")
     elif stats.get("mtp") == "initialised":
         print(f"no MTP layer in the folder: initialised a fresh one (seed {args.seed})")
-    print(f"wrote {args.out}: {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.1f} s "
-          f"({stats['bytes'] / 1e6 / max(stats['seconds'], 1e-9):.1f} MB/s)")
+    read = stats.get("read_bytes", stats["bytes"])
+    print(f"wrote {args.out}: {stats['bytes'] / 1e6:.1f} MB in the output dtypes, from "
+          f"{read / 1e6:.1f} MB read, in {stats['seconds']:.1f} s "
+          f"({read / 1e6 / max(stats['seconds'], 1e-9):.1f} MB/s read)")
     return 0
 
 

@@ -50,4 +50,5 @@ def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batc
         every=checkpoint_every,  # steps between (asynchronous) saves; 0 = only at the end
         keep=3,
         async_save=True,
+        initial_save=False,  # also save the first step of a fresh run
     ))

@@ -273,8 +273,11 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    # Throughput counts every byte read, the MTP copies included (as `cp` would copy them).
-    return {"bytes": hub.nbytes, "seconds": time.perf_counter() - start, "mtp": mtp}
+    # 'read_bytes' counts every byte read, the MTP copies included (as `cp` would copy
+    # them); 'bytes' is what was written, in the output dtypes.
+    written = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in plans)
+    return {"bytes": written, "read_bytes": hub.nbytes,
+            "seconds": time.perf_counter() - start, "mtp": mtp}
 
 
 def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
@@ -301,12 +304,23 @@ def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
     return dtypes
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def generation_config(config: GlmConfig) -> dict:
+    """generation_config.json: the special token ids, so that transformers' `generate`
+    stops at the eos tokens as glm_jax.generate does (without the file it stops at none)."""
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items() if v is not None}
+
+
 def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                   max_shard_size: str | int = "5GB", mtp_copies: bool = True,
                   progress: bool = True) -> dict:
     """Write a hub folder at `out` (must not exist) from a checkpoint: config.json,
     model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
-    model.safetensors.index.json. `ckpt`: a train.py workdir (latest step), one of its step
+    model.safetensors.index.json, generation_config.json (the eos ids). `ckpt`: a train.py workdir (latest step), one of its step
     folders, or a converted checkpoint (glm_jax.checkpoint_source). Returns {'bytes',
     'seconds', 'shards'}."""
     out = Path(out)
@@ -378,6 +392,8 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
             json.dump(index, f, indent=2)
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(config.to_hf(), f, indent=2)
+        with open(tmp / GENERATION_CONFIG_FILE, "w") as f:
+            json.dump(generation_config(config), f, indent=2)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

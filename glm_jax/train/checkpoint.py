@@ -21,11 +21,18 @@ from flax import nnx
 from glm_jax.train.step import TrainState
 
 
-def make_manager(directory: str, *, every: int, keep: int, async_save: bool
-                 ) -> ocp.CheckpointManager:
+def make_manager(directory: str, *, every: int, keep: int, async_save: bool,
+                 initial_save: bool = False) -> ocp.CheckpointManager:
+    """Saves every `every` steps (and on preemption). orbax's default also saves the first
+    step of a fresh run, which a short run then keeps beside its last one: only when
+    `initial_save` asks for it."""
+    policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every, 1)),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if initial_save:
+        policies.append(ocp.checkpoint_managers.InitialSavePolicy())
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save)
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        max_to_keep=keep, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

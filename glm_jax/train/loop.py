@@ -242,7 +242,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                       every=cfg.checkpoint.every or t.steps,
                                       keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save)
+                                      async_save=cfg.checkpoint.async_save,
+                                      initial_save=cfg.checkpoint.initial_save)
     latest = manager.latest_step()
     if latest is not None:
         state = checkpoint.restore(manager, latest, state, data_iter)
