@@ -24,7 +24,8 @@ from glm_jax.train import loop, run_config
 from train_config import flag_args, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 3}
+STEPS = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 3,
+         "train.log_every": 2, "train.eval_every": 2, "train.eval_batches": 1}
 
 
 def _env(cache: str) -> dict:
@@ -44,15 +45,35 @@ def _train(workdir: str, cache: str, flags: list[str]) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[str, str]:
-    """`train.py` on the tiny test model: checkpoints at steps 2 and 4 (and none at step 1,
-    though 3 may be kept). Returns (workdir, compilation cache)."""
+def run(tmp_path_factory) -> tuple[str, str, str]:
+    """`train.py` on the tiny test model, held-out loss every 2 steps. Returns (workdir,
+    compilation cache, its stdout)."""
     base = tmp_path_factory.mktemp("run")
     workdir, cache = str(base / "tiny"), str(base / "xla")
     done = _train(workdir, cache, flag_args(**STEPS))
     assert done.returncode == 0, done.stdout + done.stderr
+    return workdir, cache, done.stdout
+
+
+def test_the_run_reports_what_a_user_needs(run):
+    """Checkpoints at 2 and 4 (none at step 1, though keep=3 would keep it); the resolved
+    config on disk; plain progress lines (stdout is a pipe) with the compile time and no
+    nan; held-out losses in metrics.jsonl; both plots."""
+    workdir, _, stdout = run
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-    return workdir, cache
+    resolved = json.load(open(os.path.join(workdir, "run_config.json")))
+    stored = json.load(open(os.path.join(workdir, "checkpoints", "4", "config", "metadata")))
+    assert resolved == stored and resolved["model"]["hidden_size"] == 32
+    assert "compiling the train step...\ncompiled and ran the first step in " in stdout
+    assert "nan" not in stdout and "\r" not in stdout, stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 1/4", "step 2/4", "step 4/4"]
+    assert "eval loss" in lines[-1] and "tokens/s" in lines[-1] and "tokens/s" not in lines[0]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r.get("eval_loss")] == [2, 4]
+    assert records[0]["tokens_per_sec"] is None and records[-1]["tokens_per_sec"] > 0
+    for name in ("loss_curve.png", "expert_load.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 1000
 
 
 @pytest.fixture
@@ -96,7 +117,7 @@ def test_to_hf_from_a_workdir_a_step_folder_and_a_converted_checkpoint(workdir, 
 def test_init_from_needs_no_model_flags(run, tmp_path):
     """train.py with configs/tiny.py's own model (hidden 128, 4 layers) and init_from: the
     run takes the checkpoint's model (hidden 32, 2 layers) and starts from its weights."""
-    workdir, cache = run
+    workdir, cache, _ = run
     not_model = [f for f in flag_args(**STEPS) if not f.startswith("--config.model.")]
     ft = str(tmp_path / "ft")
     done = _train(ft, cache, [*not_model, f"--config.init_from={workdir}"])
@@ -128,7 +149,7 @@ def test_resume_refuses_a_changed_architecture(workdir, capsys):
 
 def test_every_cli_answers_a_mistake_in_one_line(run, tmp_path):
     """Real subprocesses, started together (each is mostly Python and jax start-up)."""
-    workdir, cache = run
+    workdir, cache, _ = run
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "config.json").write_text(json.dumps({"model_type": "llama"}))

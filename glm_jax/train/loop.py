@@ -25,7 +25,7 @@ from glm_jax.cli_errors import ConfigError
 from glm_jax.config import GlmConfig
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
-from glm_jax.train import checkpoint, data, metrics, optimizer, run_config
+from glm_jax.train import checkpoint, data, evaluation, metrics, optimizer, run_config
 from glm_jax.train.microbatch import microbatch_train_step_fn
 from glm_jax.train.progress import TrainProgress
 from sharding.mesh import make_mesh, resolve_axes
@@ -46,7 +46,10 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches"):
+    if not isinstance(t.eval_every, int) or t.eval_every < 0:
+        _fail("train.eval_every", t.eval_every, "must be >= 0 (0 = no held-out evaluation)")
+    for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches",
+                 "eval_batches"):
         if not isinstance(t[name], int) or t[name] < 1:
             _fail(f"train.{name}", t[name], "must be a positive integer")
     if t.seq_len < 2 + model_cfg.num_mtp_layers:
@@ -212,6 +215,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         return {"losses": {}, "stopped_by": None, "state": None, "step": resume_step}
     t = cfg.train
     corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
+    held_out = None
+    if t.eval_every:
+        corpus, held_out = evaluation.split_corpus(corpus, cfg.data.eval_fraction)
     if corpus.vocab_size > model_cfg.vocab_size:
         _fail("model.vocab_size", model_cfg.vocab_size,
               f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
@@ -255,6 +261,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         start, source = 0, "from scratch"
 
     batch_sharding = NamedSharding(mesh, partition_spec(("batch", "seq"), mesh))
+    evaluator = None
+    if t.eval_every and held_out is not None:
+        evaluator = evaluation.Evaluator(
+            progs.graphdef, held_out, seq_len=t.seq_len, global_batch=t.batch_size,
+            num_batches=t.eval_batches, mtp_loss_weight=t.mtp_loss_weight,
+            batch_sharding=batch_sharding)
 
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
@@ -265,7 +277,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         peak *= jax.process_count()
     pairs_per_step = tokens_per_step * model_cfg.num_experts_per_tok * (
         model_cfg.num_moe_layers + model_cfg.num_mtp_layers)
-    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    layer_names = metrics.moe_layer_names(model_cfg.num_dense_layers,
+                                          model_cfg.num_moe_layers, model_cfg.num_mtp_layers)
+    writer = metrics.MetricsWriter(workdir, enabled=lead, layer_names=layer_names)
+    plots = metrics.RunPlots(workdir, layer_names, enabled=lead)
     config_json = cfg.to_dict()
     if lead:
         print(run_config.describe(cfg), flush=True)
@@ -292,7 +307,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             state, m = progs.step(state, global_batch(next(data_iter)))
             step += 1
             record = None
-            if step % t.log_every == 0 or step == t.steps or step == start + 1:
+            evaluate = evaluator is not None and (step % t.eval_every == 0 or step == end)
+            if (step % t.log_every == 0 or step == t.steps or step == start + 1
+                    or evaluate):
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 # The first step of a run includes compilation: not a throughput sample.
@@ -310,10 +327,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
                     "finite": bool(m["finite"]), "skipped_steps": int(state["skipped"]),
                 }
+                if evaluate:
+                    record.update(evaluator(state))
                 # No throughput before the first timed window: None, not nan.
                 record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                           for k, v in record.items()}
+                record["run_start"] = step == start + 1  # resume points on the plot
                 writer.write(step, record)
+                plots.update(last_counts)
                 # The next window starts here: logging work is not step time.
                 clock, clock_step = time.perf_counter(), step
             report.step(step, record)
@@ -333,7 +354,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             print(f"stopped by {stopped_by} after step {step}; checkpoint saved in "
                   f"{workdir}/checkpoints, run again to resume", flush=True)
         else:
-            for path in metrics.plot_run(workdir, last_counts):
+            for path in plots.update(last_counts, force=True):
                 print(f"wrote {path}", flush=True)
     return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step}
 
