@@ -137,8 +137,8 @@ def test_prepare_reports_bad_records_by_file_and_line(tmp_path, capsys):
     file:line (exit code 2); --skip-bad-records drops them and counts them; --byte-level
     needs no tokenizer and gives the embedded default's tokens."""
     good = json.dumps({"text": "hé"}).encode()
-    lines = [good, b'{"text": "cut', good, b'{"text": "caf\xe9"}', json.dumps({"body": "x"}).encode(),
-             good]
+    lines = [good, b'{"text": "cut', good, b'{"text": "caf\xe9"}',
+             json.dumps({"body": "x"}).encode(), good]
     (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "d.txt").write_bytes(b"line one\nline \xff two\n")
     out = str(tmp_path / "tokens")

@@ -61,6 +61,23 @@ def help_text(doc: str, argv: Sequence[str]) -> str:
             "(each is a flag):\n" + "\n".join(fields) + "\n")
 
 
+def _nearest(cfg: ml_collections.ConfigDict, parts: list[str]) -> list[str] | None:
+    """The existing field path closest to `parts`, one component at a time."""
+    node: Any = cfg
+    fixed = []
+    for key in parts:
+        if not isinstance(node, ml_collections.ConfigDict):
+            return None
+        if key not in node:
+            near = difflib.get_close_matches(key, list(node.keys()), n=1)
+            if not near:
+                return None
+            key = near[0]
+        fixed.append(key)
+        node = node[key]
+    return fixed
+
+
 def _unknown_field(argv: Sequence[str]) -> str:
     """The one-line report of the first --config.X override whose field does not exist."""
     try:
@@ -71,18 +88,12 @@ def _unknown_field(argv: Sequence[str]) -> str:
         if not arg.startswith("--config."):
             continue
         path = arg[len("--config."):].split("=", 1)[0]
-        node: Any = cfg
-        for depth, key in enumerate(path.split(".")):
-            if isinstance(node, ml_collections.ConfigDict) and key in node:
-                node = node[key]
-                continue
-            keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            near = difflib.get_close_matches(key, keys, n=1)
-            parts = path.split(".")
-            guess = (f"; did you mean --config.{'.'.join(parts[:depth] + near + parts[depth + 1:])}?"
-                     if near else "")
-            return (f"--config.{path}: the config has no field {path!r}{guess} (python "
-                    f"{PROG} --help lists the fields)")
+        if _nearest(cfg, path.split(".")) == path.split("."):
+            continue  # this one exists
+        near = _nearest(cfg, path.split("."))
+        guess = f"; did you mean --config.{'.'.join(near)}?" if near else ""
+        return (f"--config.{path}: the config has no field {path!r}{guess} (python "
+                f"{PROG} --help lists the fields)")
     return "a --config override names a field the config does not have"
 
 

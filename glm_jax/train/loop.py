@@ -249,7 +249,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                                       every=cfg.checkpoint.every or t.steps,
                                       keep=cfg.checkpoint.keep,
                                       async_save=cfg.checkpoint.async_save,
-                                      initial_save=cfg.checkpoint.initial_save)
+                                      initial_save=cfg.checkpoint.get("initial_save", False))
     latest = manager.latest_step()
     if latest is not None:
         state = checkpoint.restore(manager, latest, state, data_iter)
