@@ -1,35 +1,50 @@
-"""Pretrain GLM-4.5-style models: `python train.py [--config configs/tiny.py]
-[--workdir runs/tiny] [--config.train.steps=200] [--config.model.num_experts_per_tok=2]`.
+"""Pretrain or fine-tune GLM-4.5-style models.
+
+    python train.py [--config configs/tiny.py] [--workdir runs/tiny] [--config.FIELD=VALUE ...]
+
+Plain `python train.py` trains the tiny config on the embedded default data (the Python
+standard library's source, byte-level) on CPU. Every config field is a flag (listed below
+with its default), e.g. --config.train.steps=1000 --config.optimizer.name=muon.
+
+A rerun with the same --workdir resumes from its latest checkpoint; it refuses a changed
+model architecture or optimizer (naming the fields), and stops at once when the run is
+already at config.train.steps.
+
+Fine-tuning: --config.init_from=CKPT starts from the weights of CKPT (a converted hub
+checkpoint from `glm-jax-convert to-jax`, a train.py workdir, or one of its step folders)
+with a fresh optimizer and data stream. The model architecture is the checkpoint's, so no
+--config.model.* flags are needed; compute options (dtype, param_dtype, moe_backend,
+capacity_factor, attention_backend, remat_policy) still come from the config and flags.
+
+Own data: --config.data.path=DIR, a token folder from `python -m glm_jax.train.data prepare`.
 
 On CPU hosts, `bin/glm-jax-python train.py ...` runs it with glibc's huge-page malloc
-(faster steps; see glm_jax/heap.py). Plain `python train.py` trains the tiny config on the embedded default data (the Python
-standard library's source, byte-level) on CPU. Multi-process: pass --coordinator_address,
---num_processes, --process_id (or set JAX_COORDINATOR_ADDRESS etc.).
+(faster steps; see glm_jax/heap.py).
+
+Multi-process: pass --coordinator_address, --num_processes, --process_id (or set
+JAX_COORDINATOR_ADDRESS etc.).
 """
 
-import os
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
-                                "ml_collections config file", lock_config=True)
-flags.DEFINE_string("workdir", None, "run folder (default runs/<config name>); a folder "
-                    "holding checkpoints is resumed")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
-flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
-flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+from absl import app
 
 
 def _main(argv):
+    from glm_jax.cli_errors import fail, report_user_errors
+    from glm_jax.train.cli import PROG
+
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(PROG, f"unexpected arguments {argv[1:]}; flags are spelled --name=value "
+             f"(python {PROG} --help)")
     from glm_jax.train.loop import main
 
-    main()
+    report_user_errors(PROG, main)
 
 
 if __name__ == "__main__":
-    app.run(_main)
+    from glm_jax.train.cli import define_flags, help_text, parse_flags
+
+    define_flags(sys.argv[1:])
+    __doc__ = help_text(__doc__, sys.argv[1:])  # absl's --help prints the main module's doc
+    app.run(_main, flags_parser=parse_flags)

@@ -94,9 +94,9 @@ def main() -> None:
     backend = {"moe_backend": args.moe_backend} if args.moe_backend else {}
 
     if args.ckpt:
-        from glm_jax.generate.__main__ import load_model
+        from glm_jax.convert import load_checkpoint
 
-        model = load_model(args.ckpt, **backend)
+        model = load_checkpoint(args.ckpt, **backend)
         prompts = _stdlib_prompts(args.prompts, args.prompt_len, args.seed)
         what = f"checkpoint {args.ckpt}, {args.prompts} stdlib prompts"
     else:

@@ -6,7 +6,8 @@ import ml_collections
 
 def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batch_size: int,
                           seq_len: int, learning_rate: float, warmup_steps: int,
-                          checkpoint_every: int, log_every: int) -> None:
+                          checkpoint_every: int, log_every: int,
+                          eval_every: int | None = None) -> None:
     """train / optimizer / data / checkpoint: the loop's sections (glm_jax.train)."""
     config.init_from = ""  # an orbax checkpoint of converted weights (params item)
     config.train = ml_collections.ConfigDict(dict(
@@ -16,6 +17,10 @@ def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batc
         seq_len=seq_len,
         seed=0,  # model init
         log_every=log_every,
+        # Held-out loss every this many steps on data.eval_fraction of the documents
+        # (never trained on); 0 = no evaluation, and then every document is trained on.
+        eval_every=checkpoint_every if eval_every is None else eval_every,
+        eval_batches=4,
         mtp_loss_weight=0.3,  # GLM-4.5: 0.3, later 0.1
         z_loss_weight=0.0,
         bias_update_rate=1e-3,  # aux-loss-free balancing (DeepSeek-V3: 1e-3)
@@ -43,6 +48,7 @@ def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batc
         path="",  # a folder from `python -m glm_jax.train.data prepare`; "" = stdlib source
         max_bytes=0,  # embedded default: cap on text bytes read (0 = all)
         seed=0,  # shuffle
+        eval_fraction=0.01,  # held out for evaluation (whole documents, the corpus's last)
         num_workers=0,  # grain worker processes (0 = read in the training process)
         worker_buffer_size=2,
     ))
@@ -50,4 +56,5 @@ def add_training_sections(config: ml_collections.ConfigDict, *, steps: int, batc
         every=checkpoint_every,  # steps between (asynchronous) saves; 0 = only at the end
         keep=3,
         async_save=True,
+        initial_save=False,  # also save the first step of a fresh run
     ))

@@ -46,7 +46,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from glm_jax import orbax_stream
+from glm_jax import hub_mtp, orbax_stream
+from glm_jax.checkpoint_source import resolve_checkpoint
 from glm_jax.config import GlmConfig
 from glm_jax.hf_io import abstract_model, check_copies, get_path, hf_shape, leaf_from_hf, set_path
 from glm_jax.hf_names import LeafMap, leaf_map, mtp_copy_names, tied_copy_names
@@ -131,15 +132,30 @@ class _LeafPlan:
     shape: tuple[int, ...]
     src_dtype: np.dtype
     dtype: np.dtype
+    fresh: bool = False  # not in the hub folder: initialised (hub_mtp)
 
 
-def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_LeafPlan]:
-    """Check every hub tensor against the config (names, shapes, dtypes) from headers only."""
+def _out_dtype(leaf: LeafMap, src: np.dtype, dtype: str | None) -> np.dtype:
+    return src if dtype is None else np.dtype(
+        "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
+
+
+def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None, *,
+                fresh_mtp: bool = False) -> list[_LeafPlan]:
+    """Check every hub tensor against the config (names, shapes, dtypes) from headers only.
+    fresh_mtp: the MTP leaves are initialised, not read (in the embedding's dtype)."""
     shapes = _expected_shapes(config)
     problems, plans, used = [], [], set()
     where = lambda n: f"{n!r} in {hub.tensors[n].file.name}"  # noqa: E731
+    embed = hub.tensors.get("model.embed_tokens.weight")
+    fresh_src = FLOAT_DTYPES.get(embed.dtype, np.dtype(np.float32)) if embed else np.dtype(
+        np.float32)
     for leaf in leaf_map(config):
         shape = tuple(get_path(shapes, leaf.path).shape)
+        if fresh_mtp and hub_mtp.is_mtp_leaf(leaf.path):
+            src = np.dtype("float32") if leaf.path[-1] in _FLOAT32_LEAVES else fresh_src
+            plans.append(_LeafPlan(leaf, shape, src, _out_dtype(leaf, src, dtype), fresh=True))
+            continue
         want, first = hf_shape(leaf, shape), None
         param = ".".join(map(str, leaf.path))
         for name in leaf.names.reshape(-1):
@@ -160,9 +176,7 @@ def plan_to_jax(hub: HubFolder, config: GlmConfig, dtype: str | None) -> list[_L
                                 f"{hub.tensors[first].dtype}; parameter {param} needs one dtype")
         if first is not None:
             src = FLOAT_DTYPES[hub.tensors[first].dtype]
-            out = src if dtype is None else np.dtype(
-                "float32" if leaf.path[-1] in _FLOAT32_LEAVES else jax.numpy.dtype(dtype))
-            plans.append(_LeafPlan(leaf, shape, src, out))
+            plans.append(_LeafPlan(leaf, shape, src, _out_dtype(leaf, src, dtype)))
     for copy, main in {**mtp_copy_names(config), **tied_copy_names(config)}.items():
         if copy in hub.tensors and main in hub.tensors:
             used.add(copy)
@@ -193,38 +207,63 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
-                   dtype: str | None = None, progress: bool = True) -> dict:
+                   dtype: str | None = None, progress: bool = True,
+                   missing_mtp: str | None = None, seed: int = 0) -> dict:
     """Convert a hub folder to an orbax checkpoint at `out` (must not exist). `dtype` None
     keeps every tensor's dtype; otherwise floating weights are cast to it (the router weight
-    and correction bias to float32). Returns {'bytes', 'seconds'} of the conversion."""
+    and correction bias to float32). missing_mtp: what to do when config.json has MTP layers
+    but the folder none (a transformers save_pretrained): None raises ConversionError,
+    "drop" converts without MTP, "init" initialises them from `seed` (glm_jax.hub_mtp).
+    Returns {'bytes', 'seconds', 'mtp'} of the conversion ('mtp': "dropped" /
+    "initialised" / None)."""
     out = Path(out).absolute()  # orbax's OCDBT specs reject relative paths
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
+    if missing_mtp not in (None, *hub_mtp.MISSING_MTP_CHOICES):
+        raise ValueError(f"missing_mtp={missing_mtp!r}: expected None, 'drop' or 'init'")
+    config_file = Path(hf_dir) / CONFIG_FILE
+    if config_file.is_file():  # first: another model's folder fails on its config.json
+        try:
+            GlmConfig.from_hf(config_file)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"{config_file}: {e}; glm-jax converts GLM-4.5 "
+                                  "(glm4_moe) checkpoints") from None
     hub = HubFolder(hf_dir)
     config = GlmConfig.from_hf(hub.config_json)
-    plans = plan_to_jax(hub, config, dtype)
+    mtp = None
+    if hub_mtp.mtp_missing(hub.tensors, config):
+        if missing_mtp is None:
+            raise ConversionError(hub_mtp.missing_mtp_message(hub.path, config))
+        if missing_mtp == "drop":
+            config, mtp = config.replace(num_nextn_predict_layers=0), "dropped"
+        else:
+            mtp = "initialised"
+    plans = plan_to_jax(hub, config, dtype, fresh_mtp=mtp == "initialised")
     try:
         check_copies(hub, config)  # reads the copies (memory-mapped) and compares
     except ValueError as e:
         raise ConversionError(f"{hub.path}: {e}") from e
-    total = sum(hub.tensors[n].nbytes for p in plans for n in p.leaf.names.reshape(-1))
+    total = sum(int(np.prod(p.shape)) * p.src_dtype.itemsize for p in plans)
     tree = _expected_shapes(config)
     bar = _progress(total, "to-jax", progress)
 
-    def leaf_blocks(plan: _LeafPlan) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def leaf_blocks(plan: _LeafPlan, index: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         rest = len(plan.leaf.names.shape)
         for unit in units(plan.leaf, plan.shape, plan.src_dtype.itemsize):
             sub = dataclasses.replace(unit.leaf, names=unit.names)
             # Pulled after the previous block is handed over and finished writes are awaited.
             release_freed_memory()
-            value = leaf_from_hf(sub, hub, unit.block + plan.shape[rest:])
+            shape = unit.block + plan.shape[rest:]
+            value = (hub_mtp.fresh_block(plan.leaf.path, shape, plan.src_dtype, config, seed,
+                                         index, unit.start) if plan.fresh
+                     else leaf_from_hf(sub, hub, shape))
             yield unit.start + (0,) * (len(plan.shape) - rest), value.astype(plan.dtype, copy=False)
 
-    for plan in plans:
+    for index, plan in enumerate(plans):
         block = units(plan.leaf, plan.shape, plan.src_dtype.itemsize)[0].block
         set_path(tree, plan.leaf.path, orbax_stream.StreamedArray(
             plan.shape, plan.dtype, block + plan.shape[len(block):],
-            (lambda p=plan: leaf_blocks(p)),
+            (lambda p=plan, i=index: leaf_blocks(p, i)),
             on_block=lambda n, p=plan: bar.update(n * p.src_dtype.itemsize // p.dtype.itemsize)))
     tmp = _temp_dir_for(out)
     start = time.perf_counter()
@@ -234,8 +273,11 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    # Throughput counts every byte read, the MTP copies included (as `cp` would copy them).
-    return {"bytes": hub.nbytes, "seconds": time.perf_counter() - start}
+    # 'read_bytes' counts every byte read, the MTP copies included (as `cp` would copy
+    # them); 'bytes' is what was written, in the output dtypes.
+    written = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in plans)
+    return {"bytes": written, "read_bytes": hub.nbytes,
+            "seconds": time.perf_counter() - start, "mtp": mtp}
 
 
 def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
@@ -262,17 +304,34 @@ def _checkpoint_leaves(ckpt: Path, config: GlmConfig) -> dict[tuple, np.dtype]:
     return dtypes
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def generation_config(config: GlmConfig) -> dict:
+    """generation_config.json: the special token ids, so that transformers' `generate`
+    stops at the eos tokens as glm_jax.generate does (without the file it stops at none)."""
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items() if v is not None}
+
+
 def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                   max_shard_size: str | int = "5GB", mtp_copies: bool = True,
                   progress: bool = True) -> dict:
-    """Write a hub folder at `out` (must not exist) from an orbax checkpoint: config.json,
+    """Write a hub folder at `out` (must not exist) from a checkpoint: config.json,
     model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
-    model.safetensors.index.json. Returns {'bytes', 'seconds', 'shards'}."""
-    ckpt, out = Path(ckpt).absolute(), Path(out)  # absolute: as in convert_to_jax
+    model.safetensors.index.json, generation_config.json (the eos ids). `ckpt`: a train.py workdir (latest step), one of its step
+    folders, or a converted checkpoint (glm_jax.checkpoint_source). Returns {'bytes',
+    'seconds', 'shards'}."""
+    out = Path(out)
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
-    limit = parse_size(max_shard_size)
-    config = GlmConfig.from_hf(orbax_stream.read_config(ckpt))
+    try:
+        limit = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+    source = resolve_checkpoint(ckpt, what="--ckpt")
+    ckpt, config = source.path, source.config
     dtypes = _checkpoint_leaves(ckpt, config)
     shapes = _expected_shapes(config)
     all_units = []
@@ -333,6 +392,8 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
             json.dump(index, f, indent=2)
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(config.to_hf(), f, indent=2)
+        with open(tmp / GENERATION_CONFIG_FILE, "w") as f:
+            json.dump(generation_config(config), f, indent=2)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -344,10 +405,11 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                     **compute_options) -> GlmForCausalLM:
-    """Load a checkpoint written by `convert_hf.py to-jax` (or anything with the same
-    'params' / 'config' items) as a GlmForCausalLM.
+    """Load a checkpoint as a GlmForCausalLM.
 
-    path: the checkpoint directory. mesh: None puts every array on the default device; with a
+    path: a train.py workdir (latest step), one of its step folders, or a checkpoint written
+    by `convert_hf.py to-jax` (glm_jax.checkpoint_source). The model config is the one
+    stored with the weights: a run's glm-jax model config, or the hub config.json. mesh: None puts every array on the default device; with a
     mesh, each parameter is sharded by `sharding.rules` from its logical axes and every
     device restores only its own shards. compute_options: GlmConfig compute fields (dtype,
     moe_backend, capacity_factor, remat_policy, ...). `param_dtype` defaults to the stored
@@ -361,12 +423,11 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
     from sharding.rules import bind_mesh, variable_sharding
 
-    path = Path(path).absolute()  # orbax's OCDBT specs reject relative paths
-    hf = orbax_stream.read_config(path)
+    source = resolve_checkpoint(path)
+    path = source.path
     meta = orbax_stream.params_metadata(path)
     stored = np.dtype(meta["embed"].dtype)
-    options = {"param_dtype": stored.name, **compute_options}
-    config = GlmConfig.from_hf(hf, **options)
+    config = source.config.replace(**{"param_dtype": stored.name, **compute_options})
     _checkpoint_leaves(path, config)
     graphdef, state = nnx.split(abstract_model(config))
     cast = "param_dtype" in compute_options

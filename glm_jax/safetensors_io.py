@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from glm_jax.cli_errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -36,7 +38,7 @@ FLOAT_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16
 DTYPE_CODES = {v: k for k, v in FLOAT_DTYPES.items()}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Bad input to the converter: the message names the tensor or file."""
 
 

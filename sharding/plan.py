@@ -21,7 +21,6 @@ This is a CLI at the top of the import graph, like train.py: it imports glm_jax 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import re
@@ -148,6 +147,20 @@ def _load_config(path: str):
     return module.get_config()
 
 
+def check_inputs(model_cfg, mesh_axes: dict[str, int], *, global_batch: int,
+                 micro_batches: int) -> None:
+    """Raise ValueError (naming the flag) when the mesh cannot shard the model or batch."""
+    from sharding.mesh import check_model_fits_mesh
+
+    check_model_fits_mesh(mesh_axes, num_experts=model_cfg.n_routed_experts,
+                          num_heads=model_cfg.num_attention_heads,
+                          num_kv_heads=model_cfg.num_key_value_heads)
+    shards = mesh_axes.get("data", 1) * mesh_axes.get("fsdp", 1) * mesh_axes.get("expert", 1)
+    if global_batch % shards or (global_batch // shards) % micro_batches:
+        raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
+                         f"batch shards of {mesh_axes} and {micro_batches} micro-batches")
+
+
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
                  micro_batches: int = 1, show_hlo: str | None = None,
                  run_steps: int = 0) -> Plan:
@@ -161,15 +174,9 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
 
     from configs.training import add_training_sections
     from glm_jax.train.trainer import make_trainer
-    from sharding.mesh import check_model_fits_mesh, make_mesh
+    from sharding.mesh import make_mesh
 
-    check_model_fits_mesh(mesh_axes, num_experts=model_cfg.n_routed_experts,
-                          num_heads=model_cfg.num_attention_heads,
-                          num_kv_heads=model_cfg.num_key_value_heads)
-    shards = mesh_axes.get("data", 1) * mesh_axes.get("fsdp", 1) * mesh_axes.get("expert", 1)
-    if global_batch % shards or (global_batch // shards) % micro_batches:
-        raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
-                         f"batch shards of {mesh_axes} and {micro_batches} micro-batches")
+    check_inputs(model_cfg, mesh_axes, global_batch=global_batch, micro_batches=micro_batches)
     mesh = make_mesh(mesh_axes)
     cfg = ml_collections.ConfigDict({"model": model_cfg.to_dict()})
     add_training_sections(cfg, steps=1000, batch_size=global_batch, seq_len=seq_len,
@@ -261,8 +268,14 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
     return "\n".join(lines)
 
 
+PROG = "python -m sharding.plan"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # The CLI side of glm-jax (one-line errors, exit code 2), as the other entry points.
+    from glm_jax.cli_errors import ArgumentParser, fail
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/*.py with get_config().model")
     parser.add_argument("--mesh", required=True, help="e.g. fsdp=16,expert=16")
     parser.add_argument("--seq-len", type=int, required=True)
@@ -298,14 +311,19 @@ def main(argv: list[str] | None = None) -> None:
     for rule in args.rule:
         name, sep, mesh_axes = rule.partition("=")
         if not sep or name not in rules.RULES:
-            raise SystemExit(f"--rule {rule!r}: expected NAME=AXES with NAME one of "
-                             f"{sorted(rules.RULES)}")
+            fail(PROG, f"--rule {rule!r}: expected NAME=AXES with NAME one of "
+                 f"{sorted(rules.RULES)}")
         rules.RULES[name] = tuple(filter(None, mesh_axes.split("+")))
 
-    axes = parse_mesh(args.mesh)
+    try:
+        axes = parse_mesh(args.mesh)
+    except ValueError as e:
+        fail(PROG, f"--mesh: {e}")
     num_devices = _prod(v for v in axes.values() if v > 0)
     if any(v == -1 for v in axes.values()):
-        raise SystemExit("--mesh: give every axis a size (the device count is their product)")
+        fail(PROG, "--mesh: give every axis a size (the device count is their product)")
+    if not os.path.isfile(args.config):
+        fail(PROG, f"--config {args.config}: no such file (the config files are in configs/)")
     # Simulated devices must be requested before jax initialises its backend. XLA:CPU's
     # default (concurrency-optimized) scheduler starts data-independent work such as the
     # zero buffers of scatters as early as possible, so they stay live across the whole
@@ -328,8 +346,13 @@ def main(argv: list[str] | None = None) -> None:
         overrides["moe_backend"] = args.moe_backend
     if args.attention_backend is not None:
         overrides["attention_backend"] = args.attention_backend
-    model_cfg = GlmConfig.from_dict({**cfg.model.to_dict(), **overrides})
-    axes = resolve_axes(axes, num_devices)
+    try:
+        model_cfg = GlmConfig.from_dict({**cfg.model.to_dict(), **overrides})
+        axes = resolve_axes(axes, num_devices)
+        check_inputs(model_cfg, axes, global_batch=args.global_batch,
+                     micro_batches=args.micro_batches)
+    except ValueError as e:  # every input check; nothing is compiled yet
+        fail(PROG, e)
     real = model_cfg.num_moe_layers
     print(f"{args.config}: {model_cfg.num_dense_layers} dense + {real} MoE layers + "
           f"{model_cfg.num_mtp_layers} MTP; mesh {axes}; batch {args.global_batch} x "

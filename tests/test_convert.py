@@ -112,10 +112,17 @@ def test_round_trip_bfloat16_bit_identical(tmp_path_factory, tmp_path):
     _round_trip(hub, tmp_path)
 
 
-def test_cast_to_bfloat16(hub_f32, tmp_path):
+def test_cast_to_bfloat16(hub_f32, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert convert_hf.main(["to-jax", "--hf", str(hub_f32), "--out", str(ckpt), "--dtype",
                             "bfloat16", "--no-progress"]) == 0
+    # Reported: the bytes written in bfloat16 (router weight and bias stay float32), about
+    # half of the float32 bytes read (which include the MTP layer's embedding/head copies).
+    report = capsys.readouterr().out
+    written = sum(np.asarray(x).nbytes for x in jax.tree.leaves(
+        nnx.to_pure_dict(nnx.state(load_checkpoint(ckpt)))))
+    assert f"wrote {ckpt}: {written / 1e6:.1f} MB in the output dtypes, from " \
+        f"{HubFolder(hub_f32).nbytes / 1e6:.1f} MB read" in report, report
     model = load_checkpoint(ckpt)
     assert model.embed[...].dtype == jnp.bfloat16
     assert model.moe_layers.layers.mlp.router_kernel[...].dtype == jnp.float32
@@ -261,9 +268,9 @@ def test_bad_hub_input(hub_f32, tmp_path, capsys, corrupt):
     named = corrupt(folder)
     out = tmp_path / "out" / "ckpt"
     assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(out),
-                            "--no-progress"]) == 1
+                            "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and named in err, err
+    assert err.startswith("glm-jax-convert: error:") and named in err, err
     assert not out.exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no partial output
 
@@ -273,10 +280,10 @@ def test_existing_output_is_refused(hub_f32, ckpt_f32, tmp_path, capsys):
     out.mkdir()
     (out / "keep").write_text("x")
     assert convert_hf.main(["to-jax", "--hf", str(hub_f32), "--out", str(out),
-                            "--no-progress"]) == 1
+                            "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert convert_hf.main(["to-hf", "--ckpt", str(ckpt_f32), "--out", str(out),
-                            "--no-progress"]) == 1
+                            "--no-progress"]) == 2
     assert str(out) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
     assert [p.name for p in out.iterdir()] == ["keep"]
@@ -290,13 +297,13 @@ def test_bad_checkpoint_for_to_hf(ckpt_f32, tmp_path, capsys):
     (ckpt / "config" / "metadata").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert convert_hf.main(["to-hf", "--ckpt", str(ckpt), "--out", str(out),
-                            "--no-progress"]) == 1
+                            "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "moe_layers.layers.mlp.w_gate" in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert convert_hf.main(["to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(out),
-                            "--no-progress"]) == 1
-    assert "not a glm-jax checkpoint" in capsys.readouterr().err
+                            "--no-progress"]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_relative_paths(hub_f32, tmp_path, monkeypatch):
@@ -309,3 +316,82 @@ def test_relative_paths(hub_f32, tmp_path, monkeypatch):
     model = load_checkpoint("ckpt")
     want = np.asarray(HubFolder(hub_f32)["model.norm.weight"])
     np.testing.assert_array_equal(np.asarray(model.final_norm.scale[...]), want)
+
+
+# ------------------------------------------------- a transformers save_pretrained folder
+@pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory):
+    """What `save_pretrained` writes: config.json says num_nextn_predict_layers=1, but the
+    folder has no layer-N (MTP) tensors. Returns (folder, the transformers model)."""
+    folder = tmp_path_factory.mktemp("hub") / "saved"
+    model = hf_model(0, **OVERRIDES)
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert not any(n.startswith(f"model.layers.{N}.") for n in HubFolder(folder))
+    return folder, model
+
+
+def _same_main_weights(model, reference) -> None:
+    """Every leaf but the MTP layer's is bit-identical. The saved folder holds the same
+    main-model weights as hub_f32 (hf_model(0)), whose conversion test_export... checks
+    against transformers' logits."""
+    ours, ref = (nnx.to_pure_dict(nnx.state(m)) for m in (model, reference))
+    ours.pop("mtp_layers", None)
+    ref.pop("mtp_layers")
+    jax.tree.map(np.testing.assert_array_equal, ours, ref)
+
+
+def test_missing_mtp_is_one_line_with_both_ways_out(saved_by_transformers, tmp_path, capsys):
+    folder, _ = saved_by_transformers
+    out = tmp_path / "ckpt"
+    assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(out),
+                            "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"model.layers.{N}." in err and "--drop-mtp" in err and "--init-mtp" in err, err
+    assert not out.exists()
+
+
+def test_missing_mtp_dropped(saved_by_transformers, ckpt_f32, tmp_path, capsys):
+    folder, _ = saved_by_transformers
+    out = tmp_path / "ckpt"
+    assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(out), "--drop-mtp",
+                            "--no-progress"]) == 0
+    assert "converted without it" in capsys.readouterr().out
+    assert json.loads((out / "config" / "metadata").read_text())[
+        "num_nextn_predict_layers"] == 0
+    model = load_checkpoint(out)
+    assert model.config.num_mtp_layers == 0
+    _same_main_weights(model, load_checkpoint(ckpt_f32))
+
+
+def test_missing_mtp_initialised(saved_by_transformers, ckpt_f32, tmp_path):
+    folder, hf = saved_by_transformers
+    out = tmp_path / "ckpt"
+    assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(out), "--init-mtp",
+                            "--seed", "3", "--no-progress"]) == 0
+    model = load_checkpoint(out)
+    std = model.config.initializer_range
+    layer = model.mtp_layers[0]
+    np.testing.assert_array_equal(np.asarray(layer.embed_norm.scale[...]), 1.0)
+    np.testing.assert_array_equal(np.asarray(layer.block.mlp.correction_bias[...]), 0.0)
+    for w in (layer.eh_proj.kernel[...], layer.block.mlp.w_gate[...],
+              layer.block.attn.q_proj.kernel[...]):
+        assert abs(float(np.std(np.asarray(w))) / std - 1) < 0.1
+    # Different leaves and different expert blocks get different draws.
+    w_up = np.asarray(layer.block.mlp.w_up[...])
+    assert not np.array_equal(w_up[0], w_up[1])
+    _same_main_weights(model, load_checkpoint(ckpt_f32))
+    # It runs: main logits as transformers', MTP logits finite (batch shaped as in the
+    # export test, so the eager ops are compiled once).
+    ids = np.random.default_rng(0).integers(0, OVERRIDES["vocab_size"], (2, 11))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)).logits.numpy()
+    output = model(jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(output.logits), want, atol=1e-4, rtol=0)
+    assert all(bool(jnp.isfinite(x).all()) for x in output.mtp_logits)
+    # The same seed gives the same layer (deterministic).
+    again = tmp_path / "again"
+    assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(again), "--init-mtp",
+                            "--seed", "3", "--no-progress"]) == 0
+    np.testing.assert_array_equal(
+        np.asarray(load_checkpoint(again).mtp_layers[0].block.mlp.w_up[...]), w_up)

@@ -133,6 +133,42 @@ def test_prepare_token_folder_from_text_and_jsonl(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".prepare-")]
 
 
+def test_prepare_reports_bad_records_by_file_and_line(tmp_path, capsys):
+    """Malformed JSON, bytes that are not UTF-8, a missing text field: one line naming
+    file:line (exit code 2); --skip-bad-records drops them and counts them; --byte-level
+    needs no tokenizer and gives the embedded default's tokens."""
+    good = json.dumps({"text": "hé"}).encode()
+    lines = [good, b'{"text": "cut', good, b'{"text": "caf\xe9"}',
+             json.dumps({"body": "x"}).encode(), good]
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "d.txt").write_bytes(b"line one\nline \xff two\n")
+    out = str(tmp_path / "tokens")
+
+    def prepare(*args):
+        with pytest.raises(SystemExit) as e:
+            data.main(["prepare", *args, "--output", out, "--byte-level"])
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert prepare(str(tmp_path / "c.jsonl")).endswith(
+        "c.jsonl:2: not valid JSON (Unterminated string starting at column 10); fix or "
+        "drop the line, or pass --skip-bad-records")
+    err = prepare(str(tmp_path / "d.txt"))
+    assert "d.txt:2: not UTF-8 (byte 0xff at column 6)" in err and "\n" not in err, err
+    (tmp_path / "e.jsonl").write_bytes(lines[4] + b"\n")
+    assert "e.jsonl:1: no 'text' field (has ['body']); choose the field with --text-key" in \
+        prepare(str(tmp_path / "e.jsonl"))
+    assert not os.path.exists(out)
+
+    data.main(["prepare", str(tmp_path / "c.jsonl"), "--output", out, "--byte-level",
+               "--skip-bad-records"])
+    assert "skipped 3 bad record(s): " in capsys.readouterr().err
+    c = data.load_token_dir(out)
+    assert c.vocab_size == data.BYTE_VOCAB and len(c.doc_starts) == 3
+    doc = [data.BYTE_BOS, *"hé".encode(), data.BYTE_EOS]
+    np.testing.assert_array_equal(c.tokens, doc * 3)
+
+
 # ------------------------------------------------------------------ balancing
 def _small_model(**changes):
     cfg = small_config(**changes)
@@ -280,10 +316,11 @@ def test_missing_token_folder_files_and_vocab_mismatch(tmp_path):
 def test_init_from_loads_a_converted_checkpoint(tmp_path):
     """A checkpoint in the converter's layout (as glm_jax.orbax_stream.save writes it: a
     composite with 'params' = the model's pure dict as zarr3, 'config' = config.json) loads
-    into the run's state; a different architecture is refused before compiling."""
+    into the run's state; the run takes its architecture, and a flag that changes a
+    parameter shape is refused before compiling."""
     import orbax.checkpoint as ocp
 
-    from glm_jax.train import checkpoint
+    from glm_jax.train import checkpoint, run_config
 
     def save(path, tree, config_json):
         handler = ocp.CompositeCheckpointHandler(
@@ -302,15 +339,22 @@ def test_init_from_loads_a_converted_checkpoint(tmp_path):
         nnx.to_pure_dict(nnx.merge_state(state.params, state.biases))))
     save(tmp_path / "ckpt", pure, model_cfg.to_hf())
 
-    checkpoint.check_init_from(str(tmp_path / "ckpt"), model_cfg)
     loaded = checkpoint.load_params(str(tmp_path / "ckpt"), state)
     got = nnx.to_pure_dict(nnx.merge_state(loaded.params, loaded.biases))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), pure)
 
-    with pytest.raises(ValueError, match="hidden_size"):
-        bad = small_config(**{"model.hidden_size": 64})
-        bad.init_from = str(tmp_path / "ckpt")
-        loop.validate(bad)
+    other = small_config(**{"model.hidden_size": 64, "model.num_experts_per_tok": 1,
+                            "model.dtype": "bfloat16"})
+    other.init_from = str(tmp_path / "ckpt")
+    resolved, step = run_config.resolve(other, str(tmp_path / "run"))
+    assert step is None
+    assert GlmConfig.from_dict(resolved.model.to_dict()) == model_cfg.replace(dtype="bfloat16")
+    # On the command line, a shape-preserving field is kept; a shape-changing one refused.
+    resolved, _ = run_config.resolve(other, str(tmp_path / "run"),
+                                     overrides=("model.num_experts_per_tok",))
+    assert resolved.model.num_experts_per_tok == 1 and resolved.model.hidden_size == 32
+    with pytest.raises(run_config.RunConfigError, match="model.hidden_size=32 .requested 64"):
+        run_config.resolve(other, str(tmp_path / "run"), overrides=("model.hidden_size",))
 
 
 def test_muon_plugs_in_through_the_config():

@@ -16,6 +16,7 @@ OVERRIDES = {
     "model.num_experts_per_tok": 2,
     "train.batch_size": 8, "train.seq_len": 32, "train.steps": 30, "train.log_every": 1,
     "train.peak_flops": 1e11,  # skip the start-up matmul measurement
+    "train.eval_every": 0,  # no held-out evaluation (its own tests turn it on)
     "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 3,
     "data.max_bytes": 2_000_000, "checkpoint.every": 5, "checkpoint.keep": 2,
 }

@@ -1,8 +1,8 @@
 """`python -m glm_jax.generate --ckpt CKPT --prompt "..." [--tokenizer tokenizer.json]
 [--speculative mtp] [--max-new-tokens 200] [--temperature 0] [--top-p 1] [--top-k K]`
 
-CKPT: a checkpoint of `convert_hf.py to-jax`, or of `train.py` (its workdir, its
-`checkpoints` folder (latest step) or one step folder). Without --tokenizer the text is
+CKPT: a `train.py` workdir (its latest step), one of its step folders, or a checkpoint of
+`convert_hf.py to-jax` (glm_jax.checkpoint_source). Without --tokenizer the text is
 byte-level, as the embedded default data of train.py: bytes 0..255, the prompt starts with
 the config's bos token and generation stops at its eos token. Tokens are printed as they
 come, then tokens/s (and the MTP acceptance rate with --speculative mtp) on stderr.
@@ -14,53 +14,14 @@ import argparse
 import codecs
 import os
 import sys
-from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
-from glm_jax import orbax_stream
+from glm_jax.checkpoint_source import resolve_checkpoint
+from glm_jax.cli_errors import ArgumentParser, fail, report_user_errors
 from glm_jax.config import GlmConfig
+from glm_jax.convert import load_checkpoint
 from glm_jax.generate import generate
-from glm_jax.model.transformer import GlmForCausalLM
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A folder holding the 'params' and 'config' items: `path` itself, its latest step
-    (a CheckpointManager root), or that of its `checkpoints` folder (a train.py workdir)."""
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt {path}: no such folder")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    steps = [d for d in path.iterdir() if d.name.isdigit() and d.is_dir()]
-    if steps:
-        path = max(steps, key=lambda d: int(d.name))
-    if not ((path / "params").is_dir() and (path / "config").is_dir()):
-        raise FileNotFoundError(f"--ckpt {path}: not a glm-jax checkpoint (expected 'params' "
-                                "and 'config' items, as train.py and convert_hf.py write)")
-    return path
-
-
-def load_model(path: str | os.PathLike, **compute_options) -> GlmForCausalLM:
-    """Load a train.py checkpoint (its config item is the run config, with a 'model'
-    section) or a converter checkpoint (config item = the hub config.json)."""
-    import orbax.checkpoint as ocp
-
-    path = resolve_checkpoint(path)
-    stored = orbax_stream.read_config(path)
-    if "model" not in stored:
-        from glm_jax.convert import load_checkpoint
-
-        return load_checkpoint(path, **compute_options)
-    config = GlmConfig.from_dict({**stored["model"], **compute_options})
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GlmForCausalLM(config,
-                                                                       rngs=nnx.Rngs(0))))
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-    pure = ocp.StandardCheckpointer().restore(path / "params", target)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 class _ByteText:
@@ -101,26 +62,56 @@ class _HubText:
         return new
 
 
+PROG = "python -m glm_jax.generate"
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py workdir (its latest step), one of "
+                   "its step folders, or a checkpoint of glm-jax-convert to-jax")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--tokenizer", default=None, help="a HF tokenizers tokenizer.json (default: "
+                   "byte-level text, as train.py's embedded data)")
+    p.add_argument("--speculative", choices=("none", "mtp"), default="none",
+                   help="mtp: the model's MTP layer drafts a token that the next step checks "
+                   "(same output at temperature 0, fewer steps); needs an MTP layer")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="stop after this many new tokens (or at an eos token)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens with this much "
+                   "probability (1 = off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--moe-backend", choices=("ragged_dot", "buckets", "dense"), default=None,
+                   help="override the checkpoint's moe_backend (buckets on CPU, ragged_dot on "
+                   "GPU/TPU)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glm_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--tokenizer", default=None, help="a tokenizers tokenizer.json")
-    p.add_argument("--speculative", choices=("none", "mtp"), default="none")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--moe-backend", default=None, help="override the config's moe_backend")
+    p = _parser()
     args = p.parse_args(argv)
     if args.tokenizer and not os.path.isfile(args.tokenizer):
         p.error(f"--tokenizer {args.tokenizer}: no such file")
-    resolve_checkpoint(args.ckpt)  # a wrong path fails before jax does any work
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or (
+            args.top_k is not None and args.top_k < 1):
+        p.error("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, "
+                "--top-k >= 1")
+    # A wrong path or option fails before jax does any work.
+    source = report_user_errors(PROG, lambda: resolve_checkpoint(args.ckpt, what="--ckpt"))
+    if args.speculative == "mtp" and source.config.num_mtp_layers == 0:
+        fail(PROG, f"--speculative mtp: the checkpoint {args.ckpt} has no MTP layer "
+             "(num_nextn_predict_layers 0); leave the flag out")
+    if not args.tokenizer and source.config.vocab_size < 256:
+        fail(PROG, f"--ckpt {args.ckpt}: its vocab_size {source.config.vocab_size} is too "
+             "small for byte-level text; pass --tokenizer")
 
     options = {"moe_backend": args.moe_backend} if args.moe_backend else {}
-    model = load_model(args.ckpt, **options)
+    model = load_checkpoint(args.ckpt, **options)
     cfg = model.config
     text = _HubText(args.tokenizer) if args.tokenizer else _ByteText(cfg)
     eos = cfg.eos_token_id

@@ -21,11 +21,18 @@ from flax import nnx
 from glm_jax.train.trainer import TrainState
 
 
-def make_manager(directory: str, *, every: int, keep: int, async_save: bool
-                 ) -> ocp.CheckpointManager:
+def make_manager(directory: str, *, every: int, keep: int, async_save: bool,
+                 initial_save: bool = False) -> ocp.CheckpointManager:
+    """Saves every `every` steps (and on preemption). orbax's default also saves the first
+    step of a fresh run, which a short run then keeps beside its last one: only when
+    `initial_save` asks for it."""
+    policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every, 1)),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if initial_save:
+        policies.append(ocp.checkpoint_managers.InitialSavePolicy())
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save)
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        max_to_keep=keep, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -74,49 +81,15 @@ def restore(manager: ocp.CheckpointManager, step: int, state: TrainState,
                       step=out["train"]["step"], skipped=out["train"]["skipped"])
 
 
-def _params_dir(path: str) -> str:
-    """The `params` item of `path`: a CheckpointManager root (latest step), a step folder,
-    or the params folder itself."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"config.init_from={path!r}: no such folder")
-    steps = [d for d in os.listdir(path) if d.isdigit()]
-    if steps:
-        path = os.path.join(path, max(steps, key=int))
-    if os.path.isdir(os.path.join(path, "params")):
-        return os.path.join(path, "params")
-    raise FileNotFoundError(f"config.init_from={path!r}: expected an orbax checkpoint with a "
-                            "'params' item (the layout glm_jax.convert writes)")
-
-
-def check_init_from(path: str, model_cfg) -> None:
-    """The converted checkpoint's config.json (its 'config' item) must describe the same
-    architecture as the run's model config. Called before anything compiles."""
-    from glm_jax.config import GlmConfig
-    from glm_jax.orbax_stream import read_config
-
-    params_dir = _params_dir(path)
-    step_dir = os.path.dirname(params_dir)
-    try:
-        hf = read_config(step_dir)
-    except FileNotFoundError:
-        return  # a bare params item (e.g. one of our own run checkpoints): shapes decide
-    compute = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "moe_backend",
-                                                  "capacity_factor", "attention_backend",
-                                                  "remat_policy")}
-    theirs = GlmConfig.from_hf(hf, **compute)
-    if theirs != model_cfg:
-        diff = {k: (v, getattr(theirs, k)) for k, v in model_cfg.to_dict().items()
-                if getattr(theirs, k) != v}
-        raise ValueError(f"config.init_from={path!r}: the checkpoint's config.json differs "
-                         f"from config.model in {diff} (ours, theirs); set config.model to "
-                         "the checkpoint's architecture")
-
-
 def load_params(path: str, state: TrainState) -> TrainState:
-    """Start from converted weights: params and router biases from `path`; optimizer state,
-    step and data stream start fresh."""
-    pure = ocp.StandardCheckpointer().restore(_params_dir(path),
+    """Start from other weights: params and router biases from `path` (a converted
+    checkpoint, a train.py workdir or one of its step folders; see
+    glm_jax.checkpoint_source); optimizer state, step and data stream start fresh. The
+    run's model config must already be the checkpoint's (glm_jax.train.run_config)."""
+    from glm_jax.checkpoint_source import resolve_checkpoint
+
+    source = resolve_checkpoint(path, what="config.init_from")
+    pure = ocp.StandardCheckpointer().restore(source.path / "params",
                                               _abstract(_model_pure(state)))
     params, biases = _fill(state, pure)
     return state.replace(params=params, biases=biases)

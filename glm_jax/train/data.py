@@ -5,7 +5,8 @@ Two sources:
     install carries them, so plain `python train.py` needs no download), byte-level tokens:
     bytes 0..255, eos 256, bos 257 (the tiny config's specials);
   * a token folder written by `python -m glm_jax.train.data prepare` from text / JSONL files
-    with a HuggingFace `tokenizers` tokenizer.json.
+    (glm_jax.train.prepare) with a HuggingFace `tokenizers` tokenizer.json or the same
+    byte-level tokens.
 
 Either way a corpus is one flat token array (every document is [bos] + tokens + [eos]) plus
 the start offset of each document, and optionally a per-token `loss_mask` (SFT conversations,
@@ -29,18 +30,16 @@ a global batch is the same rows whatever the process count. Its iterator state i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import shutil
-import sys
 import sysconfig
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import grain
 import numpy as np
+
+from glm_jax.cli_errors import ConfigError, InputPathError
 
 BYTE_EOS, BYTE_BOS, BYTE_PAD = 256, 257, 258
 BYTE_VOCAB = 259  # smallest vocab_size that holds the byte tokenizer
@@ -108,12 +107,12 @@ TOKENS_FILE, STARTS_FILE, META_FILE = "tokens.npy", "doc_starts.npy", "meta.json
 def load_token_dir(path: str) -> Corpus:
     """A folder written by `prepare`; memory-mapped, so workers share the pages."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data.path={path!r}: no such folder (write one with "
+        raise InputPathError(f"data.path={path!r}: no such folder (write one with "
                                 "`python -m glm_jax.train.data prepare`, or leave data.path "
                                 "empty for the embedded default)")
     for name in (TOKENS_FILE, STARTS_FILE, META_FILE):
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"data.path={path!r}: missing {name}; not a prepared "
+            raise InputPathError(f"data.path={path!r}: missing {name}; not a prepared "
                                     "token folder")
     with open(os.path.join(path, META_FILE)) as f:
         meta = json.load(f)
@@ -122,78 +121,6 @@ def load_token_dir(path: str) -> Corpus:
     return Corpus(tokens, starts, int(meta["vocab_size"]),
                   f"{path}: {meta['num_docs']} docs, {tokens.shape[0]} tokens, "
                   f"tokenizer {meta['tokenizer']}")
-
-
-def _read_documents(paths: list[str], text_key: str) -> Iterator[str]:
-    for path in paths:
-        if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if text_key not in record:
-                        raise KeyError(f"{path}:{lineno}: no {text_key!r} field")
-                    yield record[text_key]
-        else:  # a text file is one document
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
-
-
-def prepare(inputs: list[str], tokenizer_path: str, output: str, *, text_key: str = "text",
-            bos_token: str | None = None, eos_token: str | None = None,
-            batch_docs: int = 256) -> Corpus:
-    """Tokenize text / JSONL files with a HF `tokenizers` tokenizer.json into a token folder.
-    Written to a temporary folder next to `output`, then renamed."""
-    from tokenizers import Tokenizer
-
-    missing = [p for p in inputs + [tokenizer_path] if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"prepare: no such file(s): {missing}")
-    tok = Tokenizer.from_file(tokenizer_path)
-
-    def special(name: str | None) -> int | None:
-        if name is None:
-            return None
-        tid = tok.token_to_id(name)
-        if tid is None:
-            raise ValueError(f"prepare: token {name!r} is not in {tokenizer_path}")
-        return tid
-
-    bos, eos = special(bos_token), special(eos_token)
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    dtype = np.dtype(np.uint16 if vocab <= 2 ** 16 else np.int32)
-
-    def encoded() -> Iterator[np.ndarray]:
-        batch: list[str] = []
-        for text in _read_documents(inputs, text_key):
-            batch.append(text)
-            if len(batch) == batch_docs:
-                yield from (np.asarray(e.ids, dtype) for e in
-                            tok.encode_batch(batch, add_special_tokens=False))
-                batch = []
-        if batch:
-            yield from (np.asarray(e.ids, dtype) for e in
-                        tok.encode_batch(batch, add_special_tokens=False))
-
-    tokens, starts = _pack_docs(encoded(), bos, eos, dtype)
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
-    try:
-        np.save(os.path.join(tmp, TOKENS_FILE), tokens)
-        np.save(os.path.join(tmp, STARTS_FILE), starts)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"tokenizer": os.path.abspath(tokenizer_path), "vocab_size": vocab,
-                       "bos_id": bos, "eos_id": eos, "num_docs": int(starts.size),
-                       "num_tokens": int(tokens.size), "inputs": inputs}, f, indent=1)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_token_dir(output)
 
 
 # ---------------------------------------------------------------- packing + grain
@@ -273,13 +200,13 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
     seq_len] arrays (tokens / segment_ids / positions int32; with whole_documents=True also
     loss_mask float32, and rows are `DocumentRows` padded with `pad_id`)."""
     if global_batch % process_count:
-        raise ValueError(f"train.batch_size={global_batch} must divide over the "
+        raise ConfigError(f"train.batch_size={global_batch} must divide over the "
                          f"{process_count} processes")
     local_batch = global_batch // process_count
     rows = (DocumentRows(corpus, seq_len, pad_id) if whole_documents
             else PackedRows(corpus, seq_len))
     if len(rows) < global_batch:
-        raise ValueError(f"the corpus ({corpus.num_tokens} tokens) gives {len(rows)} rows of "
+        raise ConfigError(f"the corpus ({corpus.num_tokens} tokens) gives {len(rows)} rows of "
                          f"seq_len={seq_len}, fewer than one batch of {global_batch}")
     ds = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
           .batch(local_batch, drop_remainder=True))
@@ -297,19 +224,10 @@ def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glm_jax.train.data")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize text / JSONL into a token folder")
-    p.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl")
-    p.add_argument("--tokenizer", required=True, help="a HF tokenizers tokenizer.json")
-    p.add_argument("--output", required=True, help="the token folder to write")
-    p.add_argument("--text_key", default="text", help="JSONL field holding the text")
-    p.add_argument("--bos_token", default=None, help="e.g. '<|begin_of_text|>'")
-    p.add_argument("--eos_token", default=None, help="e.g. '<|endoftext|>'")
-    args = parser.parse_args(argv)
-    corpus = prepare(args.inputs, args.tokenizer, args.output, text_key=args.text_key,
-                     bos_token=args.bos_token, eos_token=args.eos_token)
-    print(f"wrote {corpus.description}", file=sys.stderr)
+    """`python -m glm_jax.train.data prepare ...`: see glm_jax.train.prepare."""
+    from glm_jax.train.prepare import main as prepare_main
+
+    prepare_main(argv)
 
 
 if __name__ == "__main__":

@@ -16,30 +16,33 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
-
 from glm_jax import heap
+from glm_jax.cli_errors import ConfigError
 from glm_jax.config import GlmConfig
-from glm_jax.train import checkpoint, data, metrics, optimizer
+from glm_jax.train import checkpoint, data, evaluation, metrics, optimizer, run_config
+from glm_jax.train.progress import TrainProgress
 from glm_jax.train.trainer import make_trainer
-from sharding.mesh import make_mesh, parse_mesh, resolve_axes
+from sharding.mesh import make_mesh
 
 
 def _fail(field: str, value: Any, why: str) -> None:
-    raise ValueError(f"config.{field}={value!r}: {why}")
+    raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     """Every check that can fail on the config alone. Returns the model config."""
     for section in ("model", "train", "optimizer", "data", "checkpoint"):
         if section not in cfg:
-            raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
+            raise ConfigError(f"config has no {section!r} section (see configs/tiny.py)")
     try:
         model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model: {e}") from None
+        raise ConfigError(f"config.model: {e}") from None
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches"):
+    if not isinstance(t.eval_every, int) or t.eval_every < 0:
+        _fail("train.eval_every", t.eval_every, "must be >= 0 (0 = no held-out evaluation)")
+    for name in ("steps", "batch_size", "seq_len", "log_every", "micro_batches",
+                 "eval_batches"):
         if not isinstance(t[name], int) or t[name] < 1:
             _fail(f"train.{name}", t[name], "must be a positive integer")
     if t.seq_len < 2 + model_cfg.num_mtp_layers:
@@ -50,7 +53,7 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
         _fail("train.seq_aux_loss_weight", t.seq_aux_loss_weight,
               "the sequence-wise aux loss needs per-token router probabilities, which "
               "GlmForCausalLM does not return (only expert counts); only 0 is supported")
-    parse_mesh(t.mesh)
+    run_config.mesh_axes(t.mesh, None)  # the spelling; the device count is checked in run
     optimizer.validate(cfg.optimizer, t.steps)
     c = cfg.checkpoint
     if c.every < 0 or c.keep < 1:
@@ -60,8 +63,6 @@ def validate(cfg: ml_collections.ConfigDict) -> GlmConfig:
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         _fail("data.path", cfg.data.path, "no such folder (leave empty for the embedded "
               "stdlib default)")
-    if cfg.init_from:
-        checkpoint.check_init_from(cfg.init_from, model_cfg)
     return model_cfg
 
 
@@ -110,18 +111,30 @@ class _StopFlag:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        stop_at: int | None = None) -> dict[str, Any]:
+        stop_at: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
-    only up to step `stop_at` (then save and return, as on SIGTERM).
+    only up to step `stop_at` (then save and return, as on SIGTERM). `overrides`: the
+    config fields set on the command line (see run_config.resolve).
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
-    "state": the final train state}."""
+    "state": the final train state (None when there was nothing to do)}."""
+    # The model of init_from, and the resume guard: before anything is built.
+    cfg, resume_step = run_config.resolve(cfg, workdir, overrides)
     model_cfg = validate(cfg)
+    if resume_step is not None and resume_step >= cfg.train.steps:
+        if jax.process_index() == 0:
+            print(f"{workdir} is already trained to step {resume_step} (config.train.steps="
+                  f"{cfg.train.steps}); nothing to do. Raise --config.train.steps to train "
+                  "further.", flush=True)
+        return {"losses": {}, "stopped_by": None, "state": None, "step": resume_step}
     t = cfg.train
     corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
+    held_out = None
+    if t.eval_every:
+        corpus, held_out = evaluation.split_corpus(corpus, cfg.data.eval_fraction)
     if corpus.vocab_size > model_cfg.vocab_size:
         _fail("model.vocab_size", model_cfg.vocab_size,
               f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
-    mesh_axes = resolve_axes(parse_mesh(t.mesh), jax.device_count())
+    mesh_axes = run_config.mesh_axes(t.mesh, jax.devices())
     batch_shards = mesh_axes["data"] * mesh_axes["fsdp"] * mesh_axes["expert"]
     if t.batch_size % batch_shards or t.batch_size % jax.process_count():
         _fail("train.batch_size", t.batch_size, f"must divide over the {batch_shards} batch "
@@ -148,7 +161,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                       every=cfg.checkpoint.every or t.steps,
                                       keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save)
+                                      async_save=cfg.checkpoint.async_save,
+                                      initial_save=cfg.checkpoint.get("initial_save", False))
     latest = manager.latest_step()
     if latest is not None:
         state = checkpoint.restore(manager, latest, state, data_iter)
@@ -159,19 +173,34 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     else:
         start, source = 0, "from scratch"
 
+    evaluator = None
+    if t.eval_every and held_out is not None:
+        evaluator = evaluation.Evaluator(
+            trainer.graphdef, held_out, seq_len=t.seq_len, global_batch=t.batch_size,
+            num_batches=t.eval_batches, mtp_loss_weight=t.mtp_loss_weight,
+            batch_sharding=trainer.batch_sharding)
+
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = metrics.flops_per_token(model_cfg, t.seq_len)
-    peak = (t.peak_flops * jax.device_count() if t.peak_flops
-            else metrics.measure_matmul_peak() * jax.process_count())
+    if t.peak_flops:
+        peak, peak_source = t.peak_flops * jax.device_count(), "config.train.peak_flops"
+    else:
+        peak, peak_source = metrics.cached_matmul_peak()
+        peak *= jax.process_count()
     pairs_per_step = tokens_per_step * model_cfg.num_experts_per_tok * (
         model_cfg.num_moe_layers + model_cfg.num_mtp_layers)
-    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    layer_names = metrics.moe_layer_names(model_cfg.num_dense_layers,
+                                          model_cfg.num_moe_layers, model_cfg.num_mtp_layers)
+    writer = metrics.MetricsWriter(workdir, enabled=lead, layer_names=layer_names)
+    plots = metrics.RunPlots(workdir, layer_names, enabled=lead)
     config_json = cfg.to_dict()
     if lead:
+        print(run_config.describe(cfg), flush=True)
         print(f"glm-jax train: {source}; data {corpus.description}; mesh {mesh_axes}; "
               f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params; "
-              f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s; "
-              f"workdir {workdir}"
+              f"{flops_tok / 1e6:.1f} MFLOP/token; matmul peak {peak / 1e9:.0f} GFLOP/s "
+              f"({peak_source}); workdir {workdir}; config written to "
+              f"{run_config.write_resolved(cfg, workdir)}"
               # XLA:CPU is where malloc's page faults cost step time.
               + (f"; heap {heap.describe()}" if mesh.devices.flat[0].platform == "cpu" else ""),
               flush=True)
@@ -183,8 +212,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     losses: dict[int, float] = {}
     last_counts = None
     stopped_by = None
-    bar = tqdm(total=t.steps, initial=start, disable=not (lead and progress),
-               desc="train", unit="step", dynamic_ncols=True)
+    report = TrainProgress(total=t.steps, start=start, enabled=lead and progress)
+    report.compiling()
     clock, clock_step = time.perf_counter(), start
     step = start
     with _StopFlag() as stop:
@@ -192,13 +221,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         while step < end:
             state, m = trainer.step(state, global_batch(next(data_iter)))
             step += 1
-            if step % t.log_every == 0 or step == t.steps or step == start + 1:
+            record = None
+            evaluate = evaluator is not None and (step % t.eval_every == 0 or step == end)
+            if (step % t.log_every == 0 or step == t.steps or step == start + 1
+                    or evaluate):
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 # The first step of a run includes compilation: not a throughput sample.
                 tps = (tokens_per_step * (step - clock_step) / (now - clock)
                        if step > start + 1 else float("nan"))
-                clock, clock_step = now, step
                 losses[step] = float(m["loss"])
                 last_counts = np.asarray(m["expert_counts"])
                 record = {
@@ -211,16 +242,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
                     "finite": bool(m["finite"]), "skipped_steps": int(state.skipped),
                 }
-                writer.write(step, {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                                    for k, v in record.items()})
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}",
-                                mfu=f"{record['mfu']:.1%}")
-            bar.update(1)
+                if evaluate:
+                    record.update(evaluator(state))
+                # No throughput before the first timed window: None, not nan.
+                record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                          for k, v in record.items()}
+                record["run_start"] = step == start + 1  # resume points on the plot
+                writer.write(step, record)
+                plots.update(last_counts)
+                # The next window starts here: logging work is not step time.
+                clock, clock_step = time.perf_counter(), step
+            report.step(step, record)
             checkpoint.save(manager, step, state, data_iter, config_json)
             if stop.agreed():
                 stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
                 break
-        bar.close()
+        report.close()
         # Always leave the last step on disk (a no-op if the interval already saved it).
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, data_iter, config_json, force=True)
@@ -232,7 +269,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             print(f"stopped by {stopped_by} after step {step}; checkpoint saved in "
                   f"{workdir}/checkpoints, run again to resume", flush=True)
         else:
-            for path in metrics.plot_run(workdir, last_counts):
+            for path in plots.update(last_counts, force=True):
                 print(f"wrote {path}", flush=True)
     return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step}
 
@@ -240,6 +277,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 def main(argv: list[str] | None = None) -> None:
     """absl entry point (train.py defines the flags)."""
     from absl import flags, logging
+    from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
@@ -249,4 +287,5 @@ def main(argv: list[str] | None = None) -> None:
     cfg = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
-    run(cfg, workdir)
+    overrides = tuple(config_flags.get_override_values(FLAGS["config"]))
+    run(cfg, workdir, overrides=overrides)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import optax
 
+from glm_jax.cli_errors import ConfigError
 from glm_jax.optim import labels, muon, param_shardings
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -17,7 +18,7 @@ OPTIMIZERS = ("adamw", "muon")
 def validate(opt_cfg, steps: int) -> None:
     """Raise a clear error for a bad optimizer section (called before anything compiles)."""
     def fail(field: str, why: str) -> None:
-        raise ValueError(f"config.optimizer.{field}={opt_cfg[field]!r}: {why}")
+        raise ConfigError(f"config.optimizer.{field}={opt_cfg[field]!r}: {why}")
 
     if opt_cfg.name not in OPTIMIZERS:
         fail("name", f"must be one of {OPTIMIZERS}")

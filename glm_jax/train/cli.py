@@ -1,0 +1,128 @@
+"""train.py's command line: flag errors as one line, and `--help` that lists the config.
+
+absl prints a flag error as two lines (and ml_collections a typo'd config field as a
+traceback ending in `Did you mean "steps"`); here every one becomes one line naming the
+flag and the fix, exit code 2. `--help` shows the module docstring followed by every field
+of the config file with its default, generated from the file itself so it cannot go stale.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from glm_jax.cli_errors import fail
+
+PROG = "train.py"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "tiny.py")
+
+
+def config_file(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
+    """The config file named by --config (either spelling), else the default."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("glm_jax_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def field_listing(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """'section.field = default' for every leaf field, in the config's order."""
+    lines = []
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            lines += field_listing(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"  --config.{prefix}{key}={value!r}")
+    return lines
+
+
+def help_text(doc: str, argv: Sequence[str]) -> str:
+    path = config_file(argv)
+    try:
+        fields = field_listing(load_config(path))
+    except Exception as e:  # noqa: BLE001 -- help must print even for a broken config
+        fields = [f"  (cannot list the fields of {path}: {e})"]
+    return (f"{doc.rstrip()}\n\nConfig fields of {os.path.relpath(path)} and their defaults "
+            "(each is a flag):\n" + "\n".join(fields) + "\n")
+
+
+def _nearest(cfg: ml_collections.ConfigDict, parts: list[str]) -> list[str] | None:
+    """The existing field path closest to `parts`, one component at a time."""
+    node: Any = cfg
+    fixed = []
+    for key in parts:
+        if not isinstance(node, ml_collections.ConfigDict):
+            return None
+        if key not in node:
+            near = difflib.get_close_matches(key, list(node.keys()), n=1)
+            if not near:
+                return None
+            key = near[0]
+        fixed.append(key)
+        node = node[key]
+    return fixed
+
+
+def _unknown_field(argv: Sequence[str]) -> str:
+    """The one-line report of the first --config.X override whose field does not exist."""
+    try:
+        cfg = load_config(config_file(argv))
+    except Exception:  # noqa: BLE001 -- then the config file itself is the error
+        return f"cannot load the config file {config_file(argv)}"
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        if _nearest(cfg, path.split(".")) == path.split("."):
+            continue  # this one exists
+        near = _nearest(cfg, path.split("."))
+        guess = f"; did you mean --config.{'.'.join(near)}?" if near else ""
+        return (f"--config.{path}: the config has no field {path!r}{guess} (python "
+                f"{PROG} --help lists the fields)")
+    return "a --config override names a field the config does not have"
+
+
+def define_flags(argv: Sequence[str]) -> None:
+    """train.py's flags. ml_collections applies the --config.* overrides while the config
+    flag is defined, so a missing config file or a typo'd field is reported here."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = config_file(argv)
+    if not os.path.isfile(path):
+        fail(PROG, f"--config {path}: no such file (the config files are in configs/)")
+    try:
+        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config "
+                                        "file", lock_config=True)
+    except (AttributeError, KeyError):  # an override of a field the config does not have
+        fail(PROG, _unknown_field(argv))
+    flags.DEFINE_string("workdir", None, "run folder (default runs/<config name>); a folder "
+                        "holding checkpoints is resumed")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser with one-line errors (for app.run(flags_parser=...))."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(PROG, f"{e} (see python {PROG} --help)")
