@@ -18,7 +18,7 @@ from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train import balance, data, loop, loss, optimizer
 from glm_jax.train.trainer import make_trainer
-from sharding.mesh import make_mesh
+from sharding.mesh import make_mesh, resolve_axes
 from train_config import small_config
 
 
@@ -332,7 +332,7 @@ def test_init_from_loads_a_converted_checkpoint(tmp_path):
 
     cfg = small_config()
     model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
-    mesh = make_mesh(loop.resolve_axes({"data": -1}, jax.device_count()))
+    mesh = make_mesh(resolve_axes({"data": -1}, jax.device_count()))
     state = make_trainer(cfg, mesh).init()
     # "Converted" weights: the run's own init, shifted, so a load is visible in every leaf.
     pure = jax.tree.map(lambda x: np.asarray(x) + 0.5, jax.device_get(
