@@ -1,9 +1,10 @@
 """Scale plan: lower and compile the full train step ahead of time on simulated CPU devices
-(abstract shapes only: nothing is allocated) and print per-device memory and the bytes each
-collective moves per step.
+or for a Cloud TPU slice (abstract shapes only: nothing is allocated) and print per-device
+memory and the bytes each collective moves per step; for TPU also the compiler's FLOPs and
+cost-model step time.
 
     python -m sharding.plan --config configs/glm4_5.py --mesh fsdp=16,expert=16 \\
-        --seq-len 4096 --global-batch 1024
+        --seq-len 4096 --global-batch 1024 [--target tpu-v5p-512]
 
 The layout that fits 95 GiB per device, and what is specific to the CPU lowering (attention
 backend, bf16 computed in f32, scheduler, collectives): docs/scaling.md.
@@ -48,6 +49,9 @@ class Plan:
     collectives: dict[str, float]  # kind -> bytes per device per step (see collective_bytes)
     compile_seconds: float
     step_seconds: float | None = None  # measured median, only with --run-steps
+    flops: float = 0.0  # per device per step, the compiler's cost analysis
+    analytic_flops: float = 0.0  # per device per step, glm_jax.train.metrics.flops_per_token
+    cost_model_seconds: float | None = None  # the TPU compiler's estimate (optimal_seconds)
 
 
 # --------------------------------------------------------------------- HLO collectives
@@ -150,9 +154,12 @@ def _load_config(path: str):
 
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
                  micro_batches: int = 1, show_hlo: str | None = None,
-                 run_steps: int = 0) -> Plan:
+                 run_steps: int = 0, devices: list | None = None) -> Plan:
     """AOT-compile one train step (the real glm_jax.train.step with AdamW; with
     `micro_batches` > 1 the accumulating step of glm_jax.train.microbatch) and measure it.
+    `devices`: where it runs (default jax.devices(), the simulated CPU devices); the
+    abstract devices of a TPU slice (sharding.topology.tpu_devices) compile for TPU, and
+    every platform-dependent choice (EP transport, kernels) follows them.
     With `run_steps` > 0 the state is really created (random init) and the step is run
     once to warm up and then `run_steps` times; the median is `Plan.step_seconds`."""
     import jax
@@ -163,6 +170,7 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
 
     from glm_jax import GlmForCausalLM
     from glm_jax.model.params import RouterBias
+    from glm_jax.train.metrics import flops_per_token
     from glm_jax.train.microbatch import microbatch_train_step_fn
     from sharding import rules
     from sharding.mesh import check_model_fits_mesh, make_mesh
@@ -174,7 +182,7 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     if global_batch % shards or (global_batch // shards) % micro_batches:
         raise ValueError(f"--global-batch {global_batch} does not divide over the {shards} "
                          f"batch shards of {mesh_axes} and {micro_batches} micro-batches")
-    mesh = make_mesh(mesh_axes)
+    mesh = make_mesh(mesh_axes, devices)
     abstract = nnx.eval_shape(lambda: GlmForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
     param_sh = rules.state_shardings(params, mesh)
@@ -239,11 +247,17 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
             print(f"  step {i}: {time.perf_counter() - t0:.2f} s, loss "
                   f"{float(metrics['loss']):.4f}, dropped {int(metrics['dropped'])}", flush=True)
         step_seconds = sorted(times)[len(times) // 2]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+    optimal = cost.get("optimal_seconds")
     return Plan(params=p, opt_state=o, other_state=b, temp=float(mem.temp_size_in_bytes),
                 code=float(mem.generated_code_size_in_bytes),
                 total=float(args + mem.temp_size_in_bytes + out - alias),
                 collectives=collective_bytes(hlo, mesh.size), compile_seconds=seconds,
-                step_seconds=step_seconds)
+                step_seconds=step_seconds, flops=float(cost.get("flops", 0.0)),
+                analytic_flops=flops_per_token(model_cfg, seq_len) * global_batch * seq_len
+                / mesh.size,
+                cost_model_seconds=float(optimal) if optimal and optimal > 0 else None)
 
 
 def _prod(values) -> int:
@@ -263,10 +277,17 @@ def extrapolate(a: Plan, la: int, b: Plan, lb: int, target: int) -> Plan:
                   ("params", "opt_state", "other_state", "temp", "code", "total")),
                 collectives={k: line(a.collectives.get(k, 0.0), b.collectives.get(k, 0.0))
                              for k in kinds},
-                compile_seconds=a.compile_seconds + b.compile_seconds)
+                compile_seconds=a.compile_seconds + b.compile_seconds,
+                flops=line(a.flops, b.flops), analytic_flops=line(a.analytic_flops,
+                                                                  b.analytic_flops),
+                cost_model_seconds=(line(a.cost_model_seconds, b.cost_model_seconds)
+                                    if a.cost_model_seconds and b.cost_model_seconds
+                                    else None))
 
 
-def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
+def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
+                peak_flops: float | None = None) -> str:
+    """peak_flops: the chip's dense bf16 FLOP/s, for the MFU the cost model implies."""
     rows = [("parameters", plan.params), ("optimizer state", plan.opt_state),
             ("router biases + counters", plan.other_state),
             ("temporaries (activations)", plan.temp),
@@ -278,6 +299,16 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
     lines.append("  collectives, bytes sent per device per step:")
     for kind in sorted(plan.collectives):
         lines.append(f"    {kind:<42s}{plan.collectives[kind] / GiB:10.2f} GiB")
+    if plan.flops and plan.analytic_flops:
+        lines.append(f"  compiled FLOPs per device {plan.flops:.4g}, analytic "
+                     f"{plan.analytic_flops:.4g}: {plan.flops / plan.analytic_flops:.2f}x")
+    if plan.cost_model_seconds:
+        lines.append(f"  step time, compiler cost model (estimate): "
+                     f"{plan.cost_model_seconds:.3f} s")
+        if peak_flops and plan.analytic_flops:
+            mfu = plan.analytic_flops / plan.cost_model_seconds / peak_flops
+            lines.append(f"  implied MFU at {peak_flops / 1e12:.0f} TFLOP/s (estimate): "
+                         f"{100 * mfu:.1f}%")
     lines.append(f"  (compile {plan.compile_seconds:.0f} s)")
     if plan.step_seconds is not None:
         lines.append(f"  train step, median: {plan.step_seconds:.3f} s")
@@ -306,7 +337,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-backend", default=None,
                         help="override attention_backend (XLA without cuDNN materializes the "
                              "T x T scores of dot_product_attention)")
-    parser.add_argument("--hbm-gib", type=float, default=95.0)
+    parser.add_argument("--target", default="cpu",
+                        help="cpu (simulated XLA:CPU devices, one per mesh position) or a "
+                             "Cloud TPU slice, tpu-v5p-N / tpu-v6e-N / tpu-v5e-N (N counts "
+                             "TensorCores for v5p): the real TPU compiler, needs libtpu")
+    parser.add_argument("--num-slices", type=int, default=1,
+                        help="TPU slices (multi-slice over DCN); with --target tpu-*")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="memory per device to check the total against (default: the "
+                             "TPU chip's HBM, 95 for the CPU target)")
     parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=AXES",
                         help="override one entry of sharding.rules.RULES for this plan, "
@@ -317,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sharding import rules
     from sharding.mesh import parse_mesh, resolve_axes
+    from sharding.topology import libtpu_available, parse_target, tpu_devices
 
     for rule in args.rule:
         name, sep, mesh_axes = rule.partition("=")
@@ -325,17 +365,37 @@ def main(argv: list[str] | None = None) -> None:
                              f"{sorted(rules.RULES)}")
         rules.RULES[name] = tuple(filter(None, mesh_axes.split("+")))
 
-    axes = parse_mesh(args.mesh)
-    num_devices = _prod(v for v in axes.values() if v > 0)
+    try:
+        axes = parse_mesh(args.mesh)
+        target = None if args.target == "cpu" else parse_target(args.target, args.num_slices)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if any(v == -1 for v in axes.values()):
         raise SystemExit("--mesh: give every axis a size (the device count is their product)")
+    num_devices = _prod(v for v in axes.values() if v > 0)
+    if target is not None:
+        if not libtpu_available():
+            print("error: --target tpu-*: libtpu is not installed; pip install -e '.[tpu]'",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        if num_devices != target.num_devices:
+            print(f"error: --mesh {args.mesh} has {num_devices} devices but {target.name} x "
+                  f"{target.num_slices} slice(s) has {target.num_devices} chips",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    hbm_gib = args.hbm_gib or (target.chip.hbm_gib if target else 95.0)
+    peak = target.chip.peak_bf16_flops if target else None
     # Simulated devices must be requested before jax initialises its backend. XLA:CPU's
     # default (concurrency-optimized) scheduler starts data-independent work such as the
     # zero buffers of scatters as early as possible, so they stay live across the whole
     # layer scan; the memory-minimizing scheduler orders the program as an accelerator
     # compiler under an HBM limit would (GLM-4.5, 2 MoE layers: 230 -> 99 GiB temporaries).
+    # A TPU target keeps the host backend on CPU too: its devices come from libtpu's
+    # topology description, which needs no TPU.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={num_devices}"
+                               f" --xla_force_host_platform_device_count="
+                               f"{1 if target else num_devices}"
                                " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.getcwd())
@@ -364,12 +424,21 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; rules changed: {args.rule}" if args.rule else ""),
           flush=True)
 
+    if target is not None and args.run_steps:
+        print("error: --run-steps needs real devices; a TPU target only compiles",
+              file=sys.stderr)
+        raise SystemExit(2)
+    devices = tpu_devices(target) if target is not None else None
+    where = (f"{target.name} x {target.num_slices} slice(s), {target.shape} chips"
+             if target else "simulated CPU devices")
+
     def run(moe_layers: int) -> Plan:
         c = model_cfg.replace(num_hidden_layers=model_cfg.num_dense_layers + moe_layers)
         plan = compile_plan(c, axes, seq_len=args.seq_len, global_batch=args.global_batch,
                             micro_batches=args.micro_batches, show_hlo=args.dump_hlo,
-                            run_steps=args.run_steps)
-        print(format_plan(plan, f"measured, {moe_layers} MoE layers, per device:"), flush=True)
+                            run_steps=args.run_steps, devices=devices)
+        print(format_plan(plan, f"measured on {where}, {moe_layers} MoE layers, per device:",
+                          peak_flops=peak), flush=True)
         return plan
 
     la = args.layers if args.layers is not None else real
@@ -378,9 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         b = run(args.extrapolate)
         print(format_plan(extrapolate(a, la, b, args.extrapolate, real),
                           f"extrapolated linearly to {real} MoE layers, per device:",
-                          args.hbm_gib))
+                          hbm_gib, peak))
     elif la == real:
-        print(f"  fits {args.hbm_gib} GiB: {'yes' if a.total <= args.hbm_gib * GiB else 'NO'}")
+        print(f"  fits {hbm_gib} GiB: {'yes' if a.total <= hbm_gib * GiB else 'NO'}")
 
 
 if __name__ == "__main__":
