@@ -52,6 +52,19 @@ class Plan:
     flops: float = 0.0  # per device per step, the compiler's cost analysis
     analytic_flops: float = 0.0  # per device per step, glm_jax.train.metrics.flops_per_token
     cost_model_seconds: float | None = None  # the TPU compiler's estimate (optimal_seconds)
+    kernel_flops: dict[str, float] | None = None  # per device, as Pallas kernels declare
+    grouped_matmul_fill: float = 1.0  # mean real rows / static rows of the expert buffers
+
+    @property
+    def flops_at_real_rows(self) -> float:
+        """`flops` with the grouped-matmul kernels (megablox gmm/tgmm) counted at the rows
+        they compute: they declare 2 M K N for all M rows of their static receive buffer, but
+        visit only the row tiles that hold routed rows (the grid's tile count is computed at
+        run time). Summed over devices the routed rows are exactly tokens x k, so the mean
+        per device is `grouped_matmul_fill` of the buffer; per-group partial tiles (under
+        one 128-row tile per local expert) are not counted."""
+        declared = sum(v for k, v in (self.kernel_flops or {}).items() if k in ("gmm", "tgmm"))
+        return self.flops - (1.0 - self.grouped_matmul_fill) * declared
 
 
 # --------------------------------------------------------------------- HLO collectives
@@ -77,13 +90,9 @@ def _group_size(line: str, num_devices: int) -> int:
     return num_devices
 
 
-def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-    """Bytes each device sends per step, per collective kind, from compiled HLO text.
-
-    Collectives inside a `while` body (the layer scan) count once per trip
-    (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
-    S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
-    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
+def _run_counts(hlo: str) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """The computations of compiled HLO text (name -> instruction lines) and how often
+    each runs per step: a `while` body (the layer scan) once per trip (`known_trip_count`)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -121,6 +130,35 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     visit(entry, 1.0)
+    return comps, mult
+
+
+def kernel_flops(hlo: str) -> dict[str, float]:
+    """FLOPs per step that Pallas TPU kernels declare (their CostEstimate, which the
+    compiler's cost analysis adopts), by kernel (the jitted function around the
+    pallas_call: gmm, tgmm, ...), counting scanned layers once per trip."""
+    comps, mult = _run_counts(hlo)
+    out: dict[str, float] = defaultdict(float)
+    for name, lines in comps.items():
+        for line in lines:
+            if 'custom_call_target="tpu_custom_call"' not in line:
+                continue
+            flops = re.search(r'"cost_estimate":\{"flops":"(\d+)"', line)
+            kernel = re.search(r"jit\((\w+)\)/pallas_call", line)
+            if flops:
+                out[kernel.group(1) if kernel else "other"] += mult.get(name, 0.0) * \
+                    float(flops.group(1))
+    return dict(out)
+
+
+def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
+    """Bytes each device sends per step, per collective kind, from compiled HLO text.
+
+    Collectives inside a `while` body (the layer scan) count once per trip
+    (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
+    S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
+    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
+    comps, mult = _run_counts(hlo)
     out: dict[str, float] = defaultdict(float)
     for name, lines in comps.items():
         for line in lines:
@@ -173,7 +211,8 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     from glm_jax.train.metrics import flops_per_token
     from glm_jax.train.microbatch import microbatch_train_step_fn
     from sharding import rules
-    from sharding.mesh import check_model_fits_mesh, make_mesh
+    from sharding.expert_parallel import receive_buffer_rows
+    from sharding.mesh import check_model_fits_mesh, make_mesh, mesh_platform
 
     check_model_fits_mesh(mesh_axes, num_experts=model_cfg.n_routed_experts,
                           num_heads=model_cfg.num_attention_heads,
@@ -247,6 +286,13 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
             print(f"  step {i}: {time.perf_counter() - t0:.2f} s, loss "
                   f"{float(metrics['loss']):.4f}, dropped {int(metrics['dropped'])}", flush=True)
         step_seconds = sorted(times)[len(times) // 2]
+    fill = 1.0
+    ep = mesh_axes.get("expert", 1)
+    if ep > 1 and mesh_platform(mesh) != "cpu":  # the ragged transport's receive buffer
+        n_local = global_batch // micro_batches // shards * seq_len
+        k = model_cfg.num_experts_per_tok
+        fill = n_local * k / receive_buffer_rows(n_local, k, model_cfg.n_routed_experts, ep,
+                                                 model_cfg.capacity_factor)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
     optimal = cost.get("optimal_seconds")
@@ -257,7 +303,8 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
                 step_seconds=step_seconds, flops=float(cost.get("flops", 0.0)),
                 analytic_flops=flops_per_token(model_cfg, seq_len) * global_batch * seq_len
                 / mesh.size,
-                cost_model_seconds=float(optimal) if optimal and optimal > 0 else None)
+                cost_model_seconds=float(optimal) if optimal and optimal > 0 else None,
+                kernel_flops=kernel_flops(hlo), grouped_matmul_fill=min(1.0, fill))
 
 
 def _prod(values) -> int:
@@ -282,7 +329,11 @@ def extrapolate(a: Plan, la: int, b: Plan, lb: int, target: int) -> Plan:
                                                                   b.analytic_flops),
                 cost_model_seconds=(line(a.cost_model_seconds, b.cost_model_seconds)
                                     if a.cost_model_seconds and b.cost_model_seconds
-                                    else None))
+                                    else None),
+                kernel_flops={k: line((a.kernel_flops or {}).get(k, 0.0),
+                                      (b.kernel_flops or {}).get(k, 0.0))
+                              for k in set(a.kernel_flops or {}) | set(b.kernel_flops or {})},
+                grouped_matmul_fill=a.grouped_matmul_fill)
 
 
 def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
@@ -302,6 +353,13 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
     if plan.flops and plan.analytic_flops:
         lines.append(f"  compiled FLOPs per device {plan.flops:.4g}, analytic "
                      f"{plan.analytic_flops:.4g}: {plan.flops / plan.analytic_flops:.2f}x")
+        if plan.kernel_flops:
+            kernels = ", ".join(f"{k} {v:.3g}" for k, v in sorted(plan.kernel_flops.items()))
+            lines.append(f"    of which Pallas kernels as declared: {kernels}")
+        if plan.grouped_matmul_fill < 1.0 and plan.kernel_flops:
+            lines.append(f"    grouped matmuls at their real rows ({plan.grouped_matmul_fill:.3f}"
+                         f" of the buffer): {plan.flops_at_real_rows:.4g} = "
+                         f"{plan.flops_at_real_rows / plan.analytic_flops:.2f}x analytic")
     if plan.cost_model_seconds:
         lines.append(f"  step time, compiler cost model (estimate): "
                      f"{plan.cost_model_seconds:.3f} s")
