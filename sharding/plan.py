@@ -135,8 +135,8 @@ def _run_counts(hlo: str) -> tuple[dict[str, list[str]], dict[str, float]]:
 
 def kernel_flops(hlo: str) -> dict[str, float]:
     """FLOPs per step that Pallas TPU kernels declare (their CostEstimate, which the
-    compiler's cost analysis adopts), by kernel (the jitted function around the
-    pallas_call: gmm, tgmm, ...), counting scanned layers once per trip."""
+    compiler's cost analysis adopts), by kernel (the instruction's name: gmm, tgmm,
+    splash_mha_fwd_segmented_residuals, ...), counting scanned layers once per trip."""
     comps, mult = _run_counts(hlo)
     out: dict[str, float] = defaultdict(float)
     for name, lines in comps.items():
@@ -144,7 +144,7 @@ def kernel_flops(hlo: str) -> dict[str, float]:
             if 'custom_call_target="tpu_custom_call"' not in line:
                 continue
             flops = re.search(r'"cost_estimate":\{"flops":"(\d+)"', line)
-            kernel = re.search(r"jit\((\w+)\)/pallas_call", line)
+            kernel = re.match(r"\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=", line)
             if flops:
                 out[kernel.group(1) if kernel else "other"] += mult.get(name, 0.0) * \
                     float(flops.group(1))

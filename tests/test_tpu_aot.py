@@ -182,3 +182,29 @@ def test_train_step_compiles_for_tpu_with_the_accelerator_moe_path(tpu_step, cap
     assert plan.flops_at_real_rows <= 1.2 * plan.analytic_flops, \
         (plan.flops_at_real_rows, plan.analytic_flops)
     assert "involuntary full rematerialization" not in capfd.readouterr().err
+
+
+@needs_libtpu
+def test_attention_kernel_follows_the_mesh_devices():
+    """`dot_product_attention` on a TPU mesh is the splash kernel over segment ids (no
+    [T, T] mask or scores); on a CPU mesh the XLA path with the dense mask, as before."""
+    from flax import nnx
+
+    from glm_jax import GlmForCausalLM
+
+    cfg = tpu_config(attention_backend="dot_product_attention")
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: GlmForCausalLM(cfg,
+                                                                          rngs=nnx.Rngs(0))))
+    t = 512
+
+    def hlo(mesh):
+        ids = jax.ShapeDtypeStruct((4, t), jnp.int32)
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).logits).lower(
+                state, ids).as_text()
+
+    tpu_hlo = hlo(make_mesh({"data": 2, "expert": 2}, tpu_devices(parse_target("v5p-8"))))
+    cpu_hlo = hlo(make_mesh({"data": 2, "expert": 2}, jax.devices()[:4]))
+    assert "splash_mha" in tpu_hlo and f"{t}x{t}xi1" not in tpu_hlo
+    assert "splash_mha" not in cpu_hlo and f"{t}x{t}xi1" in cpu_hlo

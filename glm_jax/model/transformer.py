@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from glm_jax.config import GlmConfig
-from glm_jax.model.attention import attention_mask
+from glm_jax.model.attention import self_attention_mask
 from glm_jax.model.decoder import RESIDUAL_AXES, LayerStack
 from glm_jax.model.mtp import MtpLayer, shift_left
 from glm_jax.model.norms_rope import RMSNorm, rope_cos_sin
@@ -64,7 +64,7 @@ class GlmForCausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
-        mask = attention_mask(segment_ids)
+        mask = self_attention_mask(segment_ids, cfg.attention_backend)
         no_counts = jnp.zeros((0, cfg.n_routed_experts), jnp.int32)
 
         embeds = self.embed_tokens(input_ids)
