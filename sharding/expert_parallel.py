@@ -23,8 +23,15 @@ the receiving device holds EP * C rows, most of them padding when routing is bal
 With `capacity_factor` the per-destination buffer is C = ceil(cf * n * k / EP) (capped at the
 dropless C) and overflow rows (later tokens of the sorted run) are dropped and counted.
 
-`transport="ragged"` uses `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU has no thunk for it)
-which moves only the real rows; the receive buffer keeps the same static worst-case size.
+`transport="ragged"` (chosen on TPU and GPU meshes; XLA:CPU has no ragged all-to-all) uses
+`jax.lax.ragged_all_to_all`, which moves only the real rows. The devices first exchange
+their per-expert row counts (one all_gather of [E] int32), so each knows every run's size
+and computes the packed offsets itself (`ragged_layout`): a receiver stacks the runs of its
+EP senders back to back from row 0 of one buffer, and the results return the same way.
+Its receive-buffer bound is in `receive_buffer_rows`.
+
+The transport follows the devices the mesh runs on (`sharding.mesh.mesh_platform`), never
+`jax.default_backend()`, which is the host's CPU when compiling for a TPU topology.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sharding.mesh import mesh_platform
 from sharding.rules import mesh_axes_for
 
 LocalFfn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -56,6 +64,22 @@ def exchange_capacity(n_local: int, k: int, num_experts: int, ep: int,
     if capacity_factor is None:
         return max(1, dropless)
     return max(1, min(dropless, math.ceil(capacity_factor * n_local * k / ep)))
+
+
+def receive_buffer_rows(n_local: int, k: int, num_experts: int, ep: int,
+                        capacity_factor: float | None) -> int:
+    """Rows of the ragged transport's receive buffer (all sources packed together).
+
+    Dropless (capacity_factor None): EP * n_local * min(k, E/EP). Each of the EP devices
+    sends a given device at most n_local * min(k, E/EP) rows (a token's k experts are
+    distinct, and only E/EP of them live on one device), so the packed runs can never
+    overflow; the bound is reached when every token picks that device's experts. With a
+    capacity factor: ceil(cf * n_local * k), cf times the balanced load (n_local * k), capped
+    at the dropless bound; runs past the end are cut (see ragged_layout) and counted."""
+    dropless = ep * n_local * min(k, num_experts // ep)
+    if capacity_factor is None:
+        return max(1, dropless)
+    return max(1, min(dropless, math.ceil(capacity_factor * n_local * k)))
 
 
 def expert_parallel_ffn(x: jax.Array, idx: jax.Array, weights: jax.Array, w_gate: jax.Array,
@@ -81,8 +105,9 @@ def expert_parallel_ffn(x: jax.Array, idx: jax.Array, weights: jax.Array, w_gate
         raise ValueError("the logical axis 'tokens' must be sharded over 'expert' "
                          "(sharding.rules.RULES) for expert parallelism")
     tp_axes = tuple(a for a in mesh_axes_for("expert_mlp", shape) if f % shape[a] == 0)[:1]
-    if transport == "auto":
-        transport = "a2a" if jax.default_backend() == "cpu" else "ragged"
+    platform = mesh_platform(mesh)
+    if transport == "auto":  # from the devices the mesh runs on, not the host
+        transport = "a2a" if platform == "cpu" else "ragged"
     if transport not in ("a2a", "ragged"):
         raise ValueError(f"transport={transport!r}: expected 'auto', 'a2a' or 'ragged'")
 
@@ -94,15 +119,20 @@ def expert_parallel_ffn(x: jax.Array, idx: jax.Array, weights: jax.Array, w_gate
         idx = jnp.pad(idx, ((0, pad), (0, 0)))
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
     n_local = (n + pad) // shards
-    cap = exchange_capacity(n_local, k, e, ep, capacity_factor)
+    cap = (exchange_capacity if transport == "a2a" else receive_buffer_rows)(
+        n_local, k, e, ep, capacity_factor)
 
     body = _make_body(local_ffn, ep=ep, cap=cap, tp_axes=tp_axes, token_axes=token_axes,
                       transport=transport)
     tok = P(token_axes, None)
     w_in = P("expert", None, tp_axes or None)
     w_out = P("expert", tp_axes or None, None)
+    # Pallas kernels (the TPU grouped matmul) declare outputs without the varying-axes type
+    # that check_vma needs; off CPU the check is off, as for MaxText's kernels under
+    # shard_map (gradients stay right: the transpose then divides unmapped cotangents).
     y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                               out_specs=(tok, P()))(x, idx, weights, w_gate, w_up, w_down)
+                               out_specs=(tok, P()), check_vma=platform == "cpu")(
+        x, idx, weights, w_gate, w_up, w_down)
     return y[:n], dropped
 
 
@@ -131,9 +161,10 @@ def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ..
             recv = _a2a(buf.reshape(ep, cap, h)).reshape(ep * cap, h)
             recv_expert = _a2a(tag.reshape(ep, cap)).reshape(ep * cap)
         else:
-            sizes = jnp.minimum(send_sizes, cap)
-            recv, recv_expert, ragged = _ragged_exchange(
-                rows, row_expert % e_local, send_starts, sizes, ep=ep, cap=cap, e_local=e_local)
+            counts_local = jnp.bincount(flat_expert, length=ep * e_local).astype(jnp.int32)
+            recv, layout = _ragged_exchange(rows, counts_local, ep=ep, buffer_rows=cap)
+            recv_expert = layout["recv_expert"]
+            kept = rank < layout["send_sizes"][dest]
         # 3. local experts over the received rows sorted by local expert; empties last
         local_order = jnp.argsort(recv_expert, stable=True)
         group_sizes = jnp.bincount(recv_expert, length=e_local).astype(jnp.int32)
@@ -148,7 +179,7 @@ def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ..
             back = _a2a(y_recv.reshape(ep, cap, h)).reshape(ep * cap, h)
             y_rows = jnp.concatenate([back, jnp.zeros((1, h), back.dtype)])[slot]
         else:
-            y_rows = _ragged_return(y_recv, ragged, n * k)
+            y_rows = _ragged_return(y_recv, layout, n * k)
             y_rows = jnp.where(kept[:, None], y_rows, 0)
         y_pairs = jnp.zeros_like(y_rows).at[order].set(y_rows).reshape(n, k, h)
         y = jnp.einsum("nkh,nk->nh", y_pairs.astype(jnp.float32), weights.astype(jnp.float32))
@@ -163,30 +194,56 @@ def _a2a(buf: jax.Array) -> jax.Array:
     return jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)
 
 
-def _ragged_exchange(rows, row_local_expert, send_starts, sizes, *, ep, cap, e_local):
-    """Dispatch with `ragged_all_to_all`: run j (rows[send_starts[j]:+sizes[j]]) lands in
-    block `me` of device j's receive buffer [EP * cap]; only real rows move."""
-    me = jax.lax.axis_index("expert")
-    # recv_sizes[i] = rows device i sends me: a [EP] all_to_all of the size vectors.
-    recv_sizes = _a2a(sizes.reshape(ep, 1)).reshape(ep)
-    out_offsets = jnp.full((ep,), me * cap, jnp.int32)  # my block in every receiver
+def ragged_layout(counts: jax.Array, me: jax.Array, buffer_rows: int):
+    """Offsets for the ragged exchange, from every device's per-expert row counts.
+
+    counts [EP, E] int32: row i = token-expert pairs device i routes to each global expert
+    (the same matrix on every device, from one all_gather); me: this device's index on the
+    `expert` axis; buffer_rows: static rows of every receive buffer. Receiver j packs the
+    runs of devices 0..EP-1 in that order from row 0; a run that does not fit is cut at the
+    buffer's end and every later device's run to j is cut to nothing, so all devices agree on
+    what is kept without further communication. Returns a dict of int32 arrays:
+      send_starts [EP]  where my run for device j starts in my expert-sorted rows
+      send_sizes  [EP]  rows of that run that j accepts
+      out_offsets [EP]  where my run lands in j's buffer
+      recv_starts [EP]  where device i's run starts in my buffer
+      recv_sizes  [EP]  rows I receive from device i
+      back_offsets [EP] where device i's run started in i's sorted rows (for the return)
+      recv_expert [buffer_rows] local expert of each buffer row (E/EP = empty)."""
+    ep, e = counts.shape
+    e_local = e // ep
+    by_expert = counts.reshape(ep, ep, e_local)
+    sent = by_expert.sum(-1)  # sent[i, j] rows device i routes to device j
+    starts_in_sender = jnp.cumsum(sent, axis=1) - sent  # [i, j]
+    starts_in_receiver = jnp.cumsum(sent, axis=0) - sent  # [i, j]
+    accepted = jnp.clip(buffer_rows - starts_in_receiver, 0, sent)
+    recv_starts, recv_sizes = starts_in_receiver[:, me], accepted[:, me]
+    # local expert of buffer row r: find its source block i, then its run inside i's block
+    r = jnp.arange(buffer_rows, dtype=jnp.int32)
+    block = jnp.clip(jnp.searchsorted(recv_starts + recv_sizes, r, side="right"), 0, ep - 1)
+    inside = r - recv_starts[block]
+    run_ends = jnp.cumsum(by_expert[:, me, :], axis=1)  # [i, e_local]
+    expert = jnp.sum(inside[:, None] >= run_ends[block], axis=1).astype(jnp.int32)
+    real = r < jnp.sum(recv_sizes)
+    return {"send_starts": starts_in_sender[me], "send_sizes": accepted[me],
+            "out_offsets": starts_in_receiver[me], "recv_starts": recv_starts,
+            "recv_sizes": recv_sizes, "back_offsets": starts_in_sender[:, me],
+            "recv_expert": jnp.where(real, expert, e_local)}
+
+
+def _ragged_exchange(rows, counts_local, *, ep, buffer_rows):
+    """Dispatch with `ragged_all_to_all`: only real rows move, packed from row 0 of each
+    receive buffer. Group sizes are exchanged first (one all_gather of the [E] counts)."""
+    counts = jax.lax.all_gather(counts_local, "expert")  # [EP, E]
+    layout = ragged_layout(counts, jax.lax.axis_index("expert"), buffer_rows)
     recv = jax.lax.ragged_all_to_all(
-        rows, jnp.zeros((ep * cap, rows.shape[1]), rows.dtype), send_starts, sizes,
-        out_offsets, recv_sizes, axis_name="expert")
-    tags = jax.lax.ragged_all_to_all(
-        row_local_expert, jnp.full((ep * cap,), e_local, jnp.int32), send_starts, sizes,
-        out_offsets, recv_sizes, axis_name="expert")
-    return recv, tags, (send_starts, sizes, recv_sizes, me)
+        rows, jnp.zeros((buffer_rows, rows.shape[1]), rows.dtype), layout["send_starts"],
+        layout["send_sizes"], layout["out_offsets"], layout["recv_sizes"], axis_name="expert")
+    return recv, layout
 
 
-def _ragged_return(y_recv, ragged, num_rows):
-    """Combine: block i of my buffer goes back to device i at the offsets it sent from."""
-    send_starts, sizes, recv_sizes, me = ragged
-    ep = recv_sizes.shape[0]
-    cap = y_recv.shape[0] // ep
-    in_offsets = jnp.arange(ep, dtype=jnp.int32) * cap
-    # where device i's run for me started in its send order = its send_starts[me]
-    back_offsets = _a2a(send_starts.reshape(ep, 1)).reshape(ep)
+def _ragged_return(y_recv, layout, num_rows):
+    """Combine: device i's block of my buffer goes back to the rows it was sent from."""
     return jax.lax.ragged_all_to_all(
-        y_recv, jnp.zeros((num_rows, y_recv.shape[1]), y_recv.dtype), in_offsets, recv_sizes,
-        back_offsets, sizes, axis_name="expert")
+        y_recv, jnp.zeros((num_rows, y_recv.shape[1]), y_recv.dtype), layout["recv_starts"],
+        layout["recv_sizes"], layout["back_offsets"], layout["send_sizes"], axis_name="expert")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
@@ -64,8 +65,28 @@ def make_mesh(axes: dict[str, int], devices: list | None = None) -> Mesh:
     axes, `sharding.rules` maps them, and GSPMD propagates shardings between annotations."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axes(axes, len(devices))
-    return jax.make_mesh(tuple(sizes[n] for n in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    shape = tuple(sizes[n] for n in MESH_AXES)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except (NotImplementedError, ValueError):
+        # A TPU torus whose physical axes the mesh axes cannot each cover whole (16 x 16 on
+        # 4x8x8 chips): split physical axes; such an axis's ring is then shared.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
+
+
+def mesh_platform(mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> str:
+    """'cpu', 'tpu' or 'gpu': the platform of the devices `mesh` (default: the active mesh,
+    else the default devices) runs on. Kernels and collectives are chosen by this, never by
+    `jax.default_backend()`: compiling ahead of time for a TPU topology on a CPU host, the
+    host's backend is 'cpu' while the program runs on TPUs."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return jax.devices()[0].platform
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    return mesh.abstract_device.platform
 
 
 def check_model_fits_mesh(mesh_shape: dict[str, int], *, num_experts: int, num_heads: int,

@@ -1,9 +1,10 @@
 """Scale plan: lower and compile the full train step ahead of time on simulated CPU devices
-(abstract shapes only: nothing is allocated) and print per-device memory and the bytes each
-collective moves per step.
+or for a Cloud TPU slice (abstract shapes only: nothing is allocated) and print per-device
+memory and the bytes each collective moves per step; for TPU also the compiler's FLOPs and
+cost-model step time.
 
     python -m sharding.plan --config configs/glm4_5.py --mesh fsdp=16,expert=16 \\
-        --seq-len 4096 --global-batch 1024
+        --seq-len 4096 --global-batch 1024 [--target tpu-v5p-512]
 
 The layout that fits 95 GiB per device, and what is specific to the CPU lowering (attention
 backend, bf16 computed in f32, scheduler, collectives): docs/scaling.md.
@@ -23,17 +24,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
+# COLLECTIVES and collective_bytes are also imported from here (bench/sharded_step.py, tests)
+from sharding.hlo_stats import COLLECTIVES, collective_bytes, kernel_flops  # noqa: F401
+
 GiB = 1024 ** 3
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute", "ragged-all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 
 
 @dataclass
@@ -47,94 +45,24 @@ class Plan:
     collectives: dict[str, float]  # kind -> bytes per device per step (see collective_bytes)
     compile_seconds: float
     step_seconds: float | None = None  # measured median, only with --run-steps
+    flops: float = 0.0  # per device per step, the compiler's cost analysis
+    analytic_flops: float = 0.0  # per device per step, glm_jax.train.metrics.flops_per_token
+    cost_model_seconds: float | None = None  # the TPU compiler's estimate (optimal_seconds)
+    kernel_flops: dict[str, float] | None = None  # per device, as Pallas kernels declare
+    kernel_flops_once: dict[str, float] | None = None  # the same, loop bodies counted once
+    grouped_matmul_fill: float = 1.0  # mean real rows / static rows of the expert buffers
 
-
-# --------------------------------------------------------------------- HLO collectives
-def _shape_bytes(text: str) -> int:
-    """Bytes of an HLO result type: 'f32[4,8]{1,0}' or a tuple '(f32[4], bf16[2,2])'."""
-    total = 0
-    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-        if dtype in _DTYPE_BYTES:
-            n = 1
-            for d in filter(None, dims.split(",")):
-                n *= int(d)
-            total += n * _DTYPE_BYTES[dtype]
-    return total
-
-
-def _group_size(line: str, num_devices: int) -> int:
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [groups,size]<=[..]
-    if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-    if m:
-        return len(m.group(1).split(","))
-    return num_devices
-
-
-def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-    """Bytes each device sends per step, per collective kind, from compiled HLO text.
-
-    Collectives inside a `while` body (the layer scan) count once per trip
-    (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
-    S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
-    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
-    comps: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo.splitlines():
-        # computation headers start in column 0 ('%name (...) -> ... {'); instructions are
-        # indented
-        m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*\(", line)
-        if m and line.rstrip().endswith("{"):
-            current = m.group(2)
-            comps[current] = []
-            if m.group(1):
-                entry = current
-        elif current is not None:
-            comps[current].append(line)
-    # multiplier of each computation = how often it runs per step
-    mult: dict[str, float] = defaultdict(float)
-
-    def visit(name: str, factor: float) -> None:
-        mult[name] += factor
-        for line in comps.get(name, ()):
-            trip = 1.0
-            if re.search(r"\swhile\(", line):
-                m = re.search(r'known_trip_count[^0-9]*(\d+)', line)
-                trip = float(m.group(1)) if m else 1.0
-            for key, callee in re.findall(r"\b(body|condition|to_apply|calls|"
-                                          r"true_computation|false_computation)=%?([\w.\-]+)",
-                                          line):
-                if callee in comps and key != "to_apply":
-                    visit(callee, factor * (trip if key == "body" else 1.0))
-            m = re.search(r"branch_computations=\{([^}]*)\}", line)
-            if m:
-                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
-                    if callee in comps:
-                        visit(callee, factor)
-
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    visit(entry, 1.0)
-    out: dict[str, float] = defaultdict(float)
-    for name, lines in comps.items():
-        for line in lines:
-            m = re.match(r"\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s("
-                         + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-            if not m:
-                continue
-            kind, size = m.group(3), _shape_bytes(m.group(2))
-            if m.group(4):  # async start: result tuple holds (operand, result); keep result
-                size = _shape_bytes(m.group(2).rsplit(",", 1)[-1]) if kind != "all-reduce" \
-                    else size / 2
-            n = _group_size(line, num_devices)
-            if n <= 1:
-                continue
-            factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1,
-                      "all-reduce": 2 * (n - 1) / n, "all-to-all": (n - 1) / n,
-                      "ragged-all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
-            out[kind] += mult.get(name, 0.0) * size * factor
-    return dict(out)
+    @property
+    def flops_at_real_rows(self) -> float:
+        """`flops` with the grouped-matmul kernels (megablox gmm/tgmm) counted at the rows
+        they compute: they declare 2 M K N for all M rows of their static receive buffer, but
+        visit only the row tiles that hold routed rows (the grid's tile count is computed at
+        run time). Summed over devices the routed rows are exactly tokens x k, so the mean
+        per device is `grouped_matmul_fill` of the buffer; per-group partial tiles (under
+        one 128-row tile per local expert) are not counted."""
+        declared = sum(v for k, v in (self.kernel_flops_once or {}).items()
+                       if k in ("gmm", "tgmm"))  # counted as `flops` counts them
+        return self.flops - (1.0 - self.grouped_matmul_fill) * declared
 
 
 # ------------------------------------------------------------------------ compiling
@@ -163,7 +91,7 @@ def check_inputs(model_cfg, mesh_axes: dict[str, int], *, global_batch: int,
 
 def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_batch: int,
                  micro_batches: int = 1, show_hlo: str | None = None,
-                 run_steps: int = 0) -> Plan:
+                 run_steps: int = 0, devices: list | None = None) -> Plan:
     """AOT-compile one train step (the training loop's own: `glm_jax.train.make_trainer`
     with AdamW, clipping and the bias update, `micro_batches` parts) and measure it. With
     `run_steps` > 0 the state is really created (random init) and the step is run once to
@@ -173,11 +101,14 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     import ml_collections
 
     from configs.training import add_training_sections
+    from glm_jax.train.metrics import flops_per_token
     from glm_jax.train.trainer import make_trainer
-    from sharding.mesh import make_mesh
+    from sharding.expert_parallel import receive_buffer_rows
+    from sharding.mesh import make_mesh, mesh_platform
 
     check_inputs(model_cfg, mesh_axes, global_batch=global_batch, micro_batches=micro_batches)
-    mesh = make_mesh(mesh_axes)
+    mesh = make_mesh(mesh_axes, devices)
+    shards = mesh_axes.get("data", 1) * mesh_axes.get("fsdp", 1) * mesh_axes.get("expert", 1)
     cfg = ml_collections.ConfigDict({"model": model_cfg.to_dict()})
     add_training_sections(cfg, steps=1000, batch_size=global_batch, seq_len=seq_len,
                           learning_rate=1e-4, warmup_steps=0, checkpoint_every=0, log_every=1)
@@ -223,11 +154,27 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
             print(f"  step {i}: {time.perf_counter() - t0:.2f} s, loss "
                   f"{float(metrics['loss']):.4f}, dropped {int(metrics['dropped'])}", flush=True)
         step_seconds = sorted(times)[len(times) // 2]
+    fill = 1.0
+    ep = mesh_axes.get("expert", 1)
+    if ep > 1 and mesh_platform(mesh) != "cpu":  # the ragged transport's receive buffer
+        n_local = global_batch // micro_batches // shards * seq_len
+        k = model_cfg.num_experts_per_tok
+        fill = n_local * k / receive_buffer_rows(n_local, k, model_cfg.n_routed_experts, ep,
+                                                 model_cfg.capacity_factor)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+    optimal = cost.get("optimal_seconds")
     return Plan(params=p, opt_state=o, other_state=b, temp=float(mem.temp_size_in_bytes),
                 code=float(mem.generated_code_size_in_bytes),
                 total=float(args + mem.temp_size_in_bytes + out - alias),
                 collectives=collective_bytes(hlo, mesh.size), compile_seconds=seconds,
-                step_seconds=step_seconds)
+                step_seconds=step_seconds, flops=float(cost.get("flops", 0.0)),
+                analytic_flops=flops_per_token(model_cfg, seq_len) * global_batch * seq_len
+                / mesh.size,
+                cost_model_seconds=float(optimal) if optimal and optimal > 0 else None,
+                kernel_flops=kernel_flops(hlo),
+                kernel_flops_once=kernel_flops(hlo, per_trip=False),
+                grouped_matmul_fill=min(1.0, fill))
 
 
 def _prod(values) -> int:
@@ -247,10 +194,21 @@ def extrapolate(a: Plan, la: int, b: Plan, lb: int, target: int) -> Plan:
                   ("params", "opt_state", "other_state", "temp", "code", "total")),
                 collectives={k: line(a.collectives.get(k, 0.0), b.collectives.get(k, 0.0))
                              for k in kinds},
-                compile_seconds=a.compile_seconds + b.compile_seconds)
+                compile_seconds=a.compile_seconds + b.compile_seconds,
+                flops=line(a.flops, b.flops), analytic_flops=line(a.analytic_flops,
+                                                                  b.analytic_flops),
+                cost_model_seconds=(line(a.cost_model_seconds, b.cost_model_seconds)
+                                    if a.cost_model_seconds and b.cost_model_seconds
+                                    else None),
+                kernel_flops={k: line((a.kernel_flops or {}).get(k, 0.0),
+                                      (b.kernel_flops or {}).get(k, 0.0))
+                              for k in set(a.kernel_flops or {}) | set(b.kernel_flops or {})},
+                grouped_matmul_fill=a.grouped_matmul_fill)
 
 
-def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
+def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
+                peak_flops: float | None = None) -> str:
+    """peak_flops: the chip's dense bf16 FLOP/s, for the MFU the cost model implies."""
     rows = [("parameters", plan.params), ("optimizer state", plan.opt_state),
             ("router biases + counters", plan.other_state),
             ("temporaries (activations)", plan.temp),
@@ -262,6 +220,29 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None) -> str:
     lines.append("  collectives, bytes sent per device per step:")
     for kind in sorted(plan.collectives):
         lines.append(f"    {kind:<42s}{plan.collectives[kind] / GiB:10.2f} GiB")
+    if plan.flops and plan.analytic_flops:
+        lines.append(f"  compiled FLOPs per device {plan.flops:.4g}, analytic "
+                     f"{plan.analytic_flops:.4g}: {plan.flops / plan.analytic_flops:.2f}x")
+        if plan.kernel_flops:
+            kernels = ", ".join(f"{k} {v:.3g}" for k, v in sorted(plan.kernel_flops.items()))
+            lines.append(f"    Pallas kernels as declared, per step (loops x trips): {kernels}")
+        if plan.grouped_matmul_fill < 1.0 and plan.kernel_flops:
+            real = plan.grouped_matmul_fill * sum(plan.kernel_flops.get(k, 0.0)
+                                                  for k in ("gmm", "tgmm"))
+            lines.append(f"    grouped matmuls per step at their real rows: {real:.4g}")
+        lines.append("    (the TPU cost analysis counts each loop body once; the kernel "
+                     "lines count trips)")
+        if plan.grouped_matmul_fill < 1.0 and plan.kernel_flops:
+            lines.append(f"    grouped matmuls at their real rows ({plan.grouped_matmul_fill:.3f}"
+                         f" of the buffer): {plan.flops_at_real_rows:.4g} = "
+                         f"{plan.flops_at_real_rows / plan.analytic_flops:.2f}x analytic")
+    if plan.cost_model_seconds:
+        lines.append(f"  step time, compiler cost model (estimate): "
+                     f"{plan.cost_model_seconds:.3f} s")
+        if peak_flops and plan.analytic_flops:
+            mfu = plan.analytic_flops / plan.cost_model_seconds / peak_flops
+            lines.append(f"  implied MFU at {peak_flops / 1e12:.0f} TFLOP/s (estimate): "
+                         f"{100 * mfu:.1f}%")
     lines.append(f"  (compile {plan.compile_seconds:.0f} s)")
     if plan.step_seconds is not None:
         lines.append(f"  train step, median: {plan.step_seconds:.3f} s")
@@ -296,7 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-backend", default=None,
                         help="override attention_backend (XLA without cuDNN materializes the "
                              "T x T scores of dot_product_attention)")
-    parser.add_argument("--hbm-gib", type=float, default=95.0)
+    parser.add_argument("--target", default="cpu",
+                        help="cpu (simulated XLA:CPU devices, one per mesh position) or a "
+                             "Cloud TPU slice, tpu-v5p-N / tpu-v6e-N / tpu-v5e-N (N counts "
+                             "TensorCores for v5p): the real TPU compiler, needs libtpu")
+    parser.add_argument("--num-slices", type=int, default=1,
+                        help="TPU slices (multi-slice over DCN); with --target tpu-*")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="memory per device to check the total against (default: the "
+                             "TPU chip's HBM, 95 for the CPU target)")
     parser.add_argument("--dump-hlo", default=None, help="write the compiled HLO here")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=AXES",
                         help="override one entry of sharding.rules.RULES for this plan, "
@@ -307,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sharding import rules
     from sharding.mesh import parse_mesh, resolve_axes
+    from sharding.topology import libtpu_available, parse_target, tpu_devices
 
     for rule in args.rule:
         name, sep, mesh_axes = rule.partition("=")
@@ -319,18 +309,34 @@ def main(argv: list[str] | None = None) -> None:
         axes = parse_mesh(args.mesh)
     except ValueError as e:
         fail(PROG, f"--mesh: {e}")
-    num_devices = _prod(v for v in axes.values() if v > 0)
+    try:
+        target = None if args.target == "cpu" else parse_target(args.target, args.num_slices)
+    except ValueError as e:
+        fail(PROG, str(e))
     if any(v == -1 for v in axes.values()):
         fail(PROG, "--mesh: give every axis a size (the device count is their product)")
+    num_devices = _prod(v for v in axes.values() if v > 0)
+    if target is not None:
+        if not libtpu_available():
+            fail(PROG, f"--target {args.target}: libtpu is not installed; "
+                 "pip install -e '.[tpu]'")
+        if num_devices != target.num_devices:
+            fail(PROG, f"--mesh {args.mesh} has {num_devices} devices but {target.name} x "
+                 f"{target.num_slices} slice(s) has {target.num_devices} chips")
     if not os.path.isfile(args.config):
         fail(PROG, f"--config {args.config}: no such file (the config files are in configs/)")
+    hbm_gib = args.hbm_gib or (target.chip.hbm_gib if target else 95.0)
+    peak = target.chip.peak_bf16_flops if target else None
     # Simulated devices must be requested before jax initialises its backend. XLA:CPU's
     # default (concurrency-optimized) scheduler starts data-independent work such as the
     # zero buffers of scatters as early as possible, so they stay live across the whole
     # layer scan; the memory-minimizing scheduler orders the program as an accelerator
     # compiler under an HBM limit would (GLM-4.5, 2 MoE layers: 230 -> 99 GiB temporaries).
+    # A TPU target keeps the host backend on CPU too: its devices come from libtpu's
+    # topology description, which needs no TPU.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={num_devices}"
+                               f" --xla_force_host_platform_device_count="
+                               f"{1 if target else num_devices}"
                                " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.getcwd())
@@ -364,12 +370,21 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; rules changed: {args.rule}" if args.rule else ""),
           flush=True)
 
+    if target is not None and args.run_steps:
+        print("error: --run-steps needs real devices; a TPU target only compiles",
+              file=sys.stderr)
+        raise SystemExit(2)
+    devices = tpu_devices(target) if target is not None else None
+    where = (f"{target.name} x {target.num_slices} slice(s), {target.shape} chips"
+             if target else "simulated CPU devices")
+
     def run(moe_layers: int) -> Plan:
         c = model_cfg.replace(num_hidden_layers=model_cfg.num_dense_layers + moe_layers)
         plan = compile_plan(c, axes, seq_len=args.seq_len, global_batch=args.global_batch,
                             micro_batches=args.micro_batches, show_hlo=args.dump_hlo,
-                            run_steps=args.run_steps)
-        print(format_plan(plan, f"measured, {moe_layers} MoE layers, per device:"), flush=True)
+                            run_steps=args.run_steps, devices=devices)
+        print(format_plan(plan, f"measured on {where}, {moe_layers} MoE layers, per device:",
+                          peak_flops=peak), flush=True)
         return plan
 
     la = args.layers if args.layers is not None else real
@@ -378,9 +393,9 @@ def main(argv: list[str] | None = None) -> None:
         b = run(args.extrapolate)
         print(format_plan(extrapolate(a, la, b, args.extrapolate, real),
                           f"extrapolated linearly to {real} MoE layers, per device:",
-                          args.hbm_gib))
+                          hbm_gib, peak))
     elif la == real:
-        print(f"  fits {args.hbm_gib} GiB: {'yes' if a.total <= args.hbm_gib * GiB else 'NO'}")
+        print(f"  fits {hbm_gib} GiB: {'yes' if a.total <= hbm_gib * GiB else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import GlmConfig
 from glm_jax.model.norms_rope import RMSNorm, apply_partial_rope
 from glm_jax.model.params import Linear
+from sharding.mesh import mesh_platform
+from sharding.rules import mesh_axes_for
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -17,6 +22,73 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal[None] & same_doc
+
+
+class DocumentMask(NamedTuple):
+    """Causal self-attention within packed documents, given by segment ids [B, T] int32
+    rather than as a [B, T, T] mask, for kernels that never build the T x T matrix."""
+    segment_ids: jax.Array
+
+
+def self_attention_mask(segment_ids: jax.Array, backend: str) -> jax.Array | DocumentMask:
+    """The mask the decoder layers get: `DocumentMask` where the fused kernel takes segment
+    ids (splash attention, `dot_product_attention` on a TPU mesh), else attention_mask.
+    Decided by the devices of the active mesh, not the host's backend."""
+    if backend == "dot_product_attention" and mesh_platform() == "tpu":
+        return DocumentMask(segment_ids)
+    return attention_mask(segment_ids)
+
+
+# Splash attention tile: queries and keys per block (MaxText's default for TPU training).
+SPLASH_BLOCK = 512
+
+
+def _splash_attention(q, k, v, segment_ids, scale):
+    """Causal document attention with the Pallas TPU splash kernel shipped in JAX: scores
+    exist one [block, block] tile at a time, never T x T, forward or backward. GQA is native
+    (query head h reads KV head h // (NH/NKV)). Pallas calls are not partitioned by the
+    compiler, so the kernel runs under shard_map over the batch and head shards of the mesh.
+    q is scaled in its own dtype before the kernel (the kernel takes no scale)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+
+    b, t, nh, d = q.shape
+    nkv = k.shape[2]
+    block = min(SPLASH_BLOCK, t)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block,
+                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def attend(q, k, v, segment_ids):
+        heads = q.shape[2]
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((t, t))] * heads),
+                                        head_shards=1, q_seq_shards=1, block_sizes=sizes)
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, heads, T, D]
+        out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k),
+                               heads_first(v),
+                               segment_ids=splash.SegmentIds(segment_ids, segment_ids))
+        return heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q, k, v, segment_ids).reshape(b, t, nh * d)
+    shape = dict(mesh.shape)
+    batch_axes = mesh_axes_for("batch", shape)
+    if b % max(1, _size(shape, batch_axes)):
+        batch_axes = ()
+    head_axes = tuple(a for a in mesh_axes_for("q_heads", shape)
+                      if nh % shape[a] == 0 and nkv % shape[a] == 0)[:1]
+    spec = P(batch_axes or None, None, head_axes or None, None)
+    out = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes or None)),
+                        out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+    return out.reshape(b, t, nh * d)
+
+
+def _size(shape: dict[str, int], axes: tuple[str, ...]) -> int:
+    out = 1
+    for a in axes:
+        out *= shape[a]
+    return out
 
 
 def _einsum_attention(q, k, v, mask, scale):
@@ -110,17 +182,21 @@ class Attention(nnx.Module):
                 out = _einsum_attention(q, k, v, mask, scale)
         return self.o_proj(out)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 mask: jax.Array | DocumentMask, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, H] -> (output [B, T, H], updated kv or None).
 
         Without `kv` (training, scoring): self-attention over the T positions, mask
-        [B, T, T]. With `kv` = (k_cache, v_cache) [B, S_max, NKV, D] (decoding): this call's
+        [B, T, T], or a DocumentMask for the TPU splash kernel (see self_attention_mask). With `kv` = (k_cache, v_cache) [B, S_max, NKV, D] (decoding): this call's
         keys / values are written at slots index[b].. of each row, then the queries attend
         over the whole cache; mask [B, T, S_max] must hide the slots not written yet (see
         glm_jax.kv_cache.cache_mask)."""
         q, k, v = self._qkv(x, cos, sin)
+        if isinstance(mask, DocumentMask):
+            with jax.named_scope("core"):
+                out = _splash_attention(q, k, v, mask.segment_ids, self.head_dim ** -0.5)
+            return self.o_proj(out), None
         if kv is None:
             return self._attend(q, k, v, mask, self_attention=True), None
         write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(

@@ -5,8 +5,9 @@ ascending order, `group_sizes` [E]) and the stacked expert weights, and returns
 (`y_rows` [M, H], `dropped` number of rows not computed). Expert parallelism calls the
 same functions on the rows a device received, so nothing here knows about meshes.
 
-- `ragged_dot`: `jax.lax.ragged_dot`, the right primitive on GPU/TPU. On XLA:CPU it is
-  about 70x slower than a batched einsum (docs: cpu-baselines), so it is not the CPU path.
+- `ragged_dot`: a grouped matmul, chosen by the mesh's platform (`grouped_matmul`): the
+  Pallas megablox gmm/tgmm pair on TPU, `jax.lax.ragged_dot` on GPU (and CPU, where it is
+  about 70x slower than a batched einsum, docs: cpu-baselines, so it is not the CPU path).
 - `buckets`: rows are scattered into fixed-size buckets, each owned by one expert. Dropless
   by default: each expert's rows are padded to whole blocks, the block count has a static
   bound, no row is ever dropped, and the blocks are run one at a time by `block_swiglu`
@@ -32,13 +33,48 @@ def _swiglu(x, w_gate, w_up, w_down):
     return jnp.einsum("nrf,nfh->nrh", h, w_down)
 
 
-def ragged_dot_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None):
+# megablox tile (rows, contraction, output columns): the kernel's default. The backward
+# swaps contraction and output dimensions, so both must be multiples of the 128-lane tile.
+GMM_TILE = (128, 128, 128)
+
+
+def _megablox_gmm(x, w, group_sizes):
+    """x [M, K] @ w [G, K, N] per group on TPU: the Pallas megablox kernel pair shipped in
+    JAX (gmm forward and input gradient, tgmm weight gradient under its custom_vjp), which
+    computes only the rows of each group. `jax.lax.ragged_dot` on TPU lowers its weight
+    gradient densely over all G groups (G/k times the work; docs/scaling.md). Rows past
+    sum(group_sizes) are not computed by the kernel; they are returned as zeros."""
+    from jax.experimental.pallas.ops.tpu import megablox
+
+    m = x.shape[0]
+    tm = min(GMM_TILE[0], -(-m // 8) * 8)
+    pad = -m % tm
+    xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    y = megablox.gmm(xp, w, group_sizes, x.dtype, (tm, GMM_TILE[1], GMM_TILE[2]))[:m]
+    valid = jnp.arange(m) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], y, 0)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   platform: str) -> jax.Array:
+    """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] int32 -> [M, N] in
+    x.dtype; rows past sum(group_sizes) are zero. `platform` is the mesh's
+    (sharding.mesh.mesh_platform): megablox on TPU when K and N are multiples of its
+    128-wide tiles (every real GLM size), `jax.lax.ragged_dot` elsewhere."""
+    if platform == "tpu" and x.shape[1] % GMM_TILE[1] == 0 and w.shape[2] % GMM_TILE[2] == 0:
+        return _megablox_gmm(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def ragged_dot_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None,
+                   *, platform: str = "cpu"):
+    """The grouped-matmul backend: `grouped_matmul` for the mesh's platform."""
     del row_expert
     if capacity_factor is not None:
         raise ValueError("moe_backend='ragged_dot' is dropless; capacity_factor must be None")
-    gate = jax.lax.ragged_dot(x_rows, w_gate, group_sizes)
-    up = jax.lax.ragged_dot(x_rows, w_up, group_sizes)
-    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    gate = grouped_matmul(x_rows, w_gate, group_sizes, platform)
+    up = grouped_matmul(x_rows, w_up, group_sizes, platform)
+    y = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, platform)
     return y, jnp.zeros((), jnp.int32)
 
 
@@ -49,7 +85,9 @@ def dropless_block_size(num_rows: int, num_experts: int) -> int:
     return max(8, -(-balanced // 4 // 8) * 8)
 
 
-def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None):
+def bucket_ffn(x_rows, row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor=None,
+               *, platform: str = "cpu"):
+    del platform  # plain XLA ops: the same program on every platform
     m, _ = x_rows.shape
     e = group_sizes.shape[0]
     starts = jnp.cumsum(group_sizes) - group_sizes

@@ -3,6 +3,9 @@ top-k, routed experts through a selectable backend, and the shared expert."""
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +15,7 @@ from glm_jax.model.grouped_matmul import SORTED_BACKENDS
 from glm_jax.model.mlp import Mlp
 from glm_jax.model.params import RouterBias, normal_param
 from sharding.expert_parallel import expert_axis_size, expert_parallel_ffn
+from sharding.mesh import mesh_platform
 
 
 def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: GlmConfig
@@ -45,7 +49,7 @@ def dense_experts(x, idx, weights, w_gate, w_up, w_down):
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), mix)
 
 
-def sorted_experts(x, idx, weights, w_gate, w_up, w_down, backend: str,
+def sorted_experts(x, idx, weights, w_gate, w_up, w_down, backend: str | Callable,
                    capacity_factor: float | None):
     """Sort token-expert pairs by expert, run the backend on the rows, unsort and mix."""
     n, k = idx.shape
@@ -53,7 +57,8 @@ def sorted_experts(x, idx, weights, w_gate, w_up, w_down, backend: str,
     order = jnp.argsort(flat_expert, stable=True)  # stable: ties keep token order
     row_expert = flat_expert[order]
     group_sizes = jnp.bincount(flat_expert, length=w_gate.shape[0]).astype(jnp.int32)
-    y_rows, dropped = SORTED_BACKENDS[backend](
+    ffn = SORTED_BACKENDS[backend] if isinstance(backend, str) else backend
+    y_rows, dropped = ffn(
         x[order // k], row_expert, group_sizes, w_gate, w_up, w_down, capacity_factor)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     y_pairs = y_rows[inverse].reshape(n, k, -1).astype(jnp.float32)
@@ -90,11 +95,14 @@ class MoE(nnx.Module):
         cfg = self.config
         if cfg.moe_backend == "dense":
             return dense_experts(flat, idx, weights, *w), jnp.zeros((), jnp.int32)
+        # Kernels follow the devices of the mesh this layer was built for (a TPU topology
+        # compiled on a CPU host is TPU), never the host's backend.
+        local_ffn = functools.partial(SORTED_BACKENDS[cfg.moe_backend],
+                                      platform=mesh_platform(self.mesh))
         if self._expert_parallel():
-            return expert_parallel_ffn(
-                flat, idx, weights, *w, local_ffn=SORTED_BACKENDS[cfg.moe_backend],
-                capacity_factor=cfg.capacity_factor)
-        return sorted_experts(flat, idx, weights, *w, cfg.moe_backend, cfg.capacity_factor)
+            return expert_parallel_ffn(flat, idx, weights, *w, local_ffn=local_ffn,
+                                       capacity_factor=cfg.capacity_factor)
+        return sorted_experts(flat, idx, weights, *w, local_ffn, cfg.capacity_factor)
 
     def _expert_parallel(self) -> bool:
         """True when the experts run expert-parallel; raises ValueError when the active mesh

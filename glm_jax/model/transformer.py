@@ -9,7 +9,7 @@ from flax import nnx, struct
 
 from glm_jax.config import GlmConfig
 from glm_jax.kv_cache import KVCache, cache_mask
-from glm_jax.model.attention import attention_mask
+from glm_jax.model.attention import self_attention_mask
 from glm_jax.model.decoder import RESIDUAL_AXES, LayerStack
 from glm_jax.model.mtp import MtpLayer, shift_left
 from glm_jax.model.norms_rope import RMSNorm, rope_cos_sin
@@ -96,7 +96,7 @@ class GlmForCausalLM(nnx.Module):
         if cache is None:
             if segment_ids is None:
                 segment_ids = jnp.zeros((b, t), jnp.int32)
-            mask, index = attention_mask(segment_ids), None
+            mask, index = self_attention_mask(segment_ids, cfg.attention_backend), None
         else:
             index = positions[:, 0]
             mask = cache_mask(index, t, cache.max_len)
