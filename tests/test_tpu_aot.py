@@ -102,7 +102,8 @@ def _moe_hlo(mesh) -> str:
 
     cfg = tpu_config()
     with nnx.use_eager_sharding(False):  # logical axis names only, as GlmForCausalLM does
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0),
+                                                                 mesh=mesh)))
     state_sh = rules.state_shardings(state, mesh)
     x = jax.ShapeDtypeStruct((8, 16, cfg.hidden_size), jnp.bfloat16,
                              sharding=jax.sharding.NamedSharding(
@@ -193,12 +194,12 @@ def test_attention_kernel_follows_the_mesh_devices():
     from glm_jax import GlmForCausalLM
 
     cfg = tpu_config(attention_backend="dot_product_attention")
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: GlmForCausalLM(cfg,
-                                                                          rngs=nnx.Rngs(0))))
     t = 512
 
     def hlo(mesh):
+        with nnx.use_eager_sharding(False):
+            graphdef, state = nnx.split(nnx.eval_shape(
+                lambda: GlmForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh)))
         ids = jax.ShapeDtypeStruct((4, t), jnp.int32)
         with jax.set_mesh(mesh):
             return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).logits).lower(
