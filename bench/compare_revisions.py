@@ -86,7 +86,11 @@ def main() -> None:
             for name, proc in procs.items():
                 proc.stdin.write(f"{args.steps_per_turn}\n")
                 proc.stdin.flush()
-                times[name] += json.loads(proc.stdout.readline())["times"][1:]
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the {name} worker died during a turn (exit code "
+                                       f"{proc.wait()}; -9 is the kernel's OOM killer)")
+                times[name] += json.loads(line)["times"][1:]
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
