@@ -77,10 +77,9 @@ class DequantizedHub(Mapping):
             if weight not in hub.tensors or hub.tensors[weight].dtype != FP8_CODE:
                 problems.append(f"scale {where(name)} belongs to no {FP8_CODE} weight "
                                 f"({weight!r} is {hub.tensors[weight].dtype if weight in hub.tensors else 'missing'})")
-        if problems:
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ConversionError(f"{hub.path}: FP8 weights and scales do not match:\n  "
-                                  + "\n  ".join(problems[:20]) + more)
+        if problems:  # one line: the first problem, and how many more there are
+            more = f" (and {len(problems) - 1} more FP8 problems)" if len(problems) > 1 else ""
+            raise ConversionError(f"{hub.path}: {problems[0]}{more}")
 
     @property
     def nbytes(self) -> int:
