@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -13,10 +14,12 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from flax import nnx
 from test_convert import N, OVERRIDES, _hub
 
 import convert_hf
 from glm_jax import fp8
+from glm_jax import fp8_hub as fp8_hub_module
 from glm_jax.convert import load_checkpoint
 from glm_jax.safetensors_io import HubFolder
 
@@ -164,18 +167,15 @@ def fp8_hub(request, hub_f32, tmp_path_factory) -> tuple[str, Path]:
     return request.param, folder
 
 
-def _leaves(ckpt: Path) -> dict:
-    import jax
-    from flax import nnx
-    return dict(jax.tree_util.tree_leaves_with_path(
-        nnx.to_pure_dict(nnx.state(load_checkpoint(ckpt)))))
+def _leaves(model) -> dict:
+    return dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
 
 
 def test_to_jax_reads_fp8_folder_logits_match(fp8_hub, tmp_path):
     kind, folder = fp8_hub
     layout = LAYOUTS[kind][0]
-    assert HubFolder(folder).tensors["model.layers.2.mlp.experts.5.up_proj.weight"].dtype == \
-        "F8_E4M3"
+    expert = "model.layers.2.mlp.experts.5.up_proj.weight"
+    assert HubFolder(folder).tensors[expert].dtype == "F8_E4M3"
     ckpt, ref_hub, ref_ckpt = tmp_path / "ckpt", tmp_path / "dequantized", tmp_path / "ref"
     assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(ckpt), "--dtype",
                             "float32", "--no-progress"]) == 0
@@ -183,7 +183,8 @@ def test_to_jax_reads_fp8_folder_logits_match(fp8_hub, tmp_path):
     # The same parameters, bit for bit, as converting the torch-dequantized float32 folder.
     assert convert_hf.main(["to-jax", "--hf", str(ref_hub), "--out", str(ref_ckpt),
                             "--no-progress"]) == 0
-    got, want = _leaves(ckpt), _leaves(ref_ckpt)
+    model = load_checkpoint(ckpt)
+    got, want = _leaves(model), _leaves(load_checkpoint(ref_ckpt))
     assert got.keys() == want.keys()
     for path in got:
         assert got[path].dtype == jnp.float32, path
@@ -195,17 +196,13 @@ def test_to_jax_reads_fp8_folder_logits_match(fp8_hub, tmp_path):
     ids = np.random.default_rng(0).integers(0, OVERRIDES["vocab_size"], (2, 11))
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids)).logits.numpy()
-    logits = np.asarray(load_checkpoint(ckpt)(jnp.asarray(ids)).logits)
+    logits = np.asarray(nnx.jit(lambda m, x: m(x).logits)(model, jnp.asarray(ids)))
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
-    # Default dtype: the config's (float32 here); bfloat16 on request.
-    bf16 = tmp_path / "bf16"
-    assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(bf16), "--dtype",
-                            "bfloat16", "--no-progress"]) == 0
-    w = load_checkpoint(bf16).moe_layers.layers.mlp.w_up[...]
-    assert w.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(
-        np.asarray(w), np.asarray(load_checkpoint(ckpt).moe_layers.layers.mlp.w_up[...]).astype(
-            jnp.bfloat16))
+    # Another dtype dequantizes straight to it (one rounding from the float32 product).
+    bf16 = fp8_hub_module.dequantizing(HubFolder(folder), "bfloat16")
+    assert bf16.tensors[expert].dtype == "BF16"
+    f32 = fp8_hub_module.dequantizing(HubFolder(folder), "float32")[expert]
+    np.testing.assert_array_equal(bf16[expert], f32.astype(ml_dtypes.bfloat16))
 
 
 SCALE = "model.layers.2.mlp.experts.5.down_proj."
