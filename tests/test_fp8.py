@@ -283,3 +283,35 @@ def test_to_hf_fp8_round_trip(hub_f32, tmp_path, kind):
         np.testing.assert_array_equal(got[0, e].T, layout.dequantize(codes, scale))
         bound = fp8.error_bound(w, _per_element_scale(layout, scale, w.shape))
         assert (np.abs(got[0, e].T - w) <= bound).all()
+
+
+@pytest.mark.parametrize("kind", ["channel", "block"])
+def test_fp8_export_loads_in_transformers(hub_f32, tmp_path, kind):
+    """transformers reads the export with dequantize=True (on CPU, FP8 matmuls need a GPU):
+    `channel` through the compressed-tensors package, `block` through its fine-grained FP8
+    quantizer (which needs accelerate). Skipped where those packages are not installed."""
+    if kind == "channel":
+        pytest.importorskip("compressed_tensors")
+        qconfig = transformers.CompressedTensorsConfig(dequantize=True)
+    else:
+        pytest.importorskip("accelerate")
+        qconfig = transformers.FineGrainedFP8Config(dequantize=True)
+    ckpt, export, back = tmp_path / "ckpt", tmp_path / "export", tmp_path / "back"
+    assert convert_hf.main(["to-jax", "--hf", str(hub_f32), "--out", str(ckpt),
+                            "--no-progress"]) == 0
+    assert convert_hf.main(["to-hf", "--ckpt", str(ckpt), "--out", str(export), "--fp8", kind,
+                            "--no-progress"]) == 0
+    assert convert_hf.main(["to-jax", "--hf", str(export), "--out", str(back), "--dtype",
+                            "float32", "--no-progress"]) == 0
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        export, dtype=torch.float32, quantization_config=qconfig, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert all(k.startswith(f"model.layers.{N}.") for k in info["unexpected_keys"])
+    hf.eval().set_attn_implementation("eager")
+    hf.set_experts_implementation("eager")
+    ids = np.random.default_rng(0).integers(0, OVERRIDES["vocab_size"], (2, 11))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)).logits.numpy()
+    model = load_checkpoint(back)
+    got = np.asarray(nnx.jit(lambda m, x: m(x).logits)(model, jnp.asarray(ids)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
