@@ -196,7 +196,9 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
                    dtype: str | None = None, progress: bool = True) -> dict:
     """Convert a hub folder to an orbax checkpoint at `out` (must not exist). `dtype` None
     keeps every tensor's dtype; otherwise floating weights are cast to it (the router weight
-    and correction bias to float32). Returns {'bytes', 'seconds'} of the conversion."""
+    and correction bias to float32). FP8 folders (config.json `quantization_config`, see
+    glm_jax/fp8_hub.py) are read dequantized to `dtype` (None: the config's dtype).
+    Returns {'bytes', 'seconds'} of the conversion."""
     out = Path(out).absolute()  # orbax's OCDBT specs reject relative paths
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")

@@ -75,8 +75,9 @@ class DequantizedHub(Mapping):
         for name in sorted(scale_names - used):
             weight = name[: -len(layout.scale_suffix)] + "weight"
             if weight not in hub.tensors or hub.tensors[weight].dtype != FP8_CODE:
+                what = hub.tensors[weight].dtype if weight in hub.tensors else "missing"
                 problems.append(f"scale {where(name)} belongs to no {FP8_CODE} weight "
-                                f"({weight!r} is {hub.tensors[weight].dtype if weight in hub.tensors else 'missing'})")
+                                f"({weight!r} is {what})")
         if problems:  # one line: the first problem, and how many more there are
             more = f" (and {len(problems) - 1} more FP8 problems)" if len(problems) > 1 else ""
             raise ConversionError(f"{hub.path}: {problems[0]}{more}")
@@ -127,8 +128,8 @@ class Fp8Writer:
         """The (name, dtype, shape) of the tensors written for hub tensor `name`."""
         if not fp8.is_quantized_weight(name):
             return [(name, dtype, shape)]
-        return [(name, fp8.E4M3, shape),
-                (self.layout.scale_name(name), np.dtype(np.float32), self.layout.scale_shape(shape))]
+        scale = (self.layout.scale_name(name), np.dtype(np.float32), self.layout.scale_shape(shape))
+        return [(name, fp8.E4M3, shape), scale]
 
     def encode(self, name: str, tensor: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """The tensors written for hub tensor `name`, in `entries` order."""
