@@ -189,10 +189,19 @@ def quantize_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _to_e4m3(w / scale), scale
 
 
+# Dequantization runs over this many rows at a time, so that its float32 temporaries stay
+# small next to the output (a 12288 x 5120 attention weight is 250 MB in float32).
+_ROWS_PER_CHUNK = 1024
+
+
 def dequantize_channel(codes: np.ndarray, scale: np.ndarray,
                        dtype: np.dtype | str = np.float32) -> np.ndarray:
     """(e4m3 [out, in], scales [out, 1]) -> [out, in] in `dtype` (product in float32)."""
-    return (codes.astype(np.float32) * scale.astype(np.float32)).astype(dtype, copy=False)
+    out = np.empty(codes.shape, dtype)
+    for r in range(0, codes.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(r, r + _ROWS_PER_CHUNK)
+        out[rows] = codes[rows].astype(np.float32) * scale[rows].astype(np.float32)
+    return out
 
 
 def _blocks(w: np.ndarray, block_size: tuple[int, int]) -> np.ndarray:
@@ -224,8 +233,13 @@ def dequantize_block(codes: np.ndarray, scale: np.ndarray,
                      block_size: tuple[int, int] = BLOCK_SIZE,
                      dtype: np.dtype | str = np.float32) -> np.ndarray:
     """(e4m3 [out, in], block scales) -> [out, in] in `dtype` (product in float32)."""
-    full = _expand(scale, codes.shape, block_size)
-    return (codes.astype(np.float32) * full).astype(dtype, copy=False)
+    out = np.empty(codes.shape, dtype)
+    step = block_size[0] * max(1, _ROWS_PER_CHUNK // block_size[0])  # whole block rows
+    for r in range(0, codes.shape[0], step):
+        chunk = codes[r:r + step]
+        s = scale[r // block_size[0]:(r + step) // block_size[0] + 1]
+        out[r:r + step] = chunk.astype(np.float32) * _expand(s, chunk.shape, block_size)
+    return out
 
 
 def error_bound(weight: np.ndarray, scale_per_element: np.ndarray) -> np.ndarray:

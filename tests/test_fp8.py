@@ -80,6 +80,18 @@ def test_quantize_dequantize_within_e4m3_bound(layout):
     np.testing.assert_allclose(np.abs(scaled - chosen), nearest, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", [fp8.CHANNEL, fp8.BLOCK], ids=["channel", "block"])
+def test_dequantize_in_row_chunks_equals_whole(layout):
+    """Dequantization runs 1024 rows at a time; 2100 rows span three chunks, the last one
+    partial and ending in a partial block."""
+    w = _weights(np.random.default_rng(1), (2100, 300))
+    codes, scale = layout.quantize(w)
+    whole = codes.astype(np.float32) * _per_element_scale(layout, scale, w.shape)
+    np.testing.assert_array_equal(layout.dequantize(codes, scale), whole)
+    np.testing.assert_array_equal(layout.dequantize(codes, scale, ml_dtypes.bfloat16),
+                                  whole.astype(ml_dtypes.bfloat16))
+
+
 def test_layout_from_config():
     assert fp8.layout_from_config({"quant_method": "fp8", "fmt": "e4m3",
                                    "weight_block_size": [128, 128]}) == fp8.BLOCK
