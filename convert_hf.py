@@ -2,6 +2,10 @@
 
     python convert_hf.py to-jax --hf DIR --out CKPT [--dtype bfloat16] [--drop-mtp | --init-mtp]
     python convert_hf.py to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB] [--no-mtp-copies]
+                               [--fp8 channel|block]
+
+to-jax reads FP8 hub folders (GLM-4.5-FP8's per-channel `weight_scale`, DeepSeek-style
+128 x 128 `weight_scale_inv`), detected from config.json, dequantized to --dtype.
 
 to-hf's CKPT is a train.py workdir (its latest step), one of its step folders, or a
 checkpoint written by to-jax. Both stream a tensor group at a time (memory does not grow
@@ -40,6 +44,10 @@ def _parser():
     to_hf.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     to_hf.add_argument("--no-mtp-copies", action="store_true",
                        help="leave out the MTP layer's copies of the embedding and head")
+    to_hf.add_argument("--fp8", choices=["channel", "block"], default=None,
+                       help="write the decoder Linears in float8_e4m3fn: 'channel' = "
+                            "GLM-4.5-FP8's compressed-tensors layout, 'block' = 128x128 "
+                            "weight_scale_inv (DeepSeek-V3 / transformers quant_method fp8)")
     for p in (to_jax, to_hf):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                    missing_mtp=args.missing_mtp, seed=args.seed)
         else:
             stats = convert_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size,
-                                  mtp_copies=not args.no_mtp_copies,
+                                  mtp_copies=not args.no_mtp_copies, fp8_layout=args.fp8,
                                   progress=not args.no_progress)
     except (UserError, FileExistsError) as e:
         return print_error(PROG, e)

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from glm_jax import hub_mtp, orbax_stream
+from glm_jax import fp8, fp8_hub, hub_mtp, orbax_stream
 from glm_jax.checkpoint_source import resolve_checkpoint
 from glm_jax.config import GlmConfig
 from glm_jax.hf_io import abstract_model, check_copies, get_path, hf_shape, leaf_from_hf, set_path
@@ -215,7 +215,8 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     but the folder none (a transformers save_pretrained): None raises ConversionError,
     "drop" converts without MTP, "init" initialises them from `seed` (glm_jax.hub_mtp).
     Returns {'bytes', 'seconds', 'mtp'} of the conversion ('mtp': "dropped" /
-    "initialised" / None)."""
+    "initialised" / None). FP8 folders (config.json `quantization_config`, see
+    glm_jax/fp8_hub.py) are read dequantized to `dtype` (None: the config's dtype)."""
     out = Path(out).absolute()  # orbax's OCDBT specs reject relative paths
     if out.exists():
         raise FileExistsError(f"output {out} already exists; remove it or choose another path")
@@ -228,7 +229,7 @@ def convert_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
         except (TypeError, ValueError) as e:
             raise ConversionError(f"{config_file}: {e}; glm-jax converts GLM-4.5 "
                                   "(glm4_moe) checkpoints") from None
-    hub = HubFolder(hf_dir)
+    hub = fp8_hub.dequantizing(HubFolder(hf_dir), dtype)  # FP8 weights read dequantized
     config = GlmConfig.from_hf(hub.config_json)
     mtp = None
     if hub_mtp.mtp_missing(hub.tensors, config):
@@ -317,11 +318,14 @@ def generation_config(config: GlmConfig) -> dict:
 
 def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                   max_shard_size: str | int = "5GB", mtp_copies: bool = True,
-                  progress: bool = True) -> dict:
+                  fp8_layout: str | None = None, progress: bool = True) -> dict:
     """Write a hub folder at `out` (must not exist) from a checkpoint: config.json,
     model-0000k-of-0000n.safetensors shards of at most `max_shard_size`, and
-    model.safetensors.index.json, generation_config.json (the eos ids). `ckpt`: a train.py workdir (latest step), one of its step
-    folders, or a converted checkpoint (glm_jax.checkpoint_source). Returns {'bytes',
+    model.safetensors.index.json, generation_config.json (the eos ids). `ckpt`: a train.py
+    workdir (latest step), one of its step folders, or a converted checkpoint
+    (glm_jax.checkpoint_source). fp8_layout 'channel' (GLM-4.5-FP8's compressed-tensors
+    layout) or 'block' (DeepSeek-V3's 128 x 128 `weight_scale_inv`) writes the decoder
+    Linears in float8_e4m3fn with their scales (see glm_jax/fp8.py). Returns {'bytes',
     'seconds', 'shards'}."""
     out = Path(out)
     if out.exists():
@@ -330,6 +334,7 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
         limit = parse_size(max_shard_size)
     except ValueError as e:
         raise ConversionError(f"--max-shard-size: {e}") from None
+    quantizer = fp8_hub.Fp8Writer(fp8.LAYOUTS[fp8_layout]) if fp8_layout else None
     source = resolve_checkpoint(ckpt, what="--ckpt")
     ckpt, config = source.path, source.config
     dtypes = _checkpoint_leaves(ckpt, config)
@@ -351,7 +356,8 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
         dt = dtypes[unit.leaf.path]
         hs = hf_shape(unit.leaf, shape)
         for name in unit.names.reshape(-1):
-            entries.append((name, dt, hs, int(np.prod(hs)) * dt.itemsize))
+            for n, d, s in (quantizer.entries(name, dt, hs) if quantizer else [(name, dt, hs)]):
+                entries.append((n, d, s, int(np.prod(s)) * np.dtype(d).itemsize))
     shards = plan_shards([(e[0], e[3]) for e in entries], limit)
     files = shard_names(len(shards))
     shard_of = {n: i for i, names in enumerate(shards) for n in names}
@@ -375,14 +381,16 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                 name, tensor = unit.names[idx], value[idx]
                 if unit.leaf.transpose:
                     tensor = tensor.T
-                if shard_of[name] != current:  # entries are in output order: shards in turn
-                    if writer is not None:
-                        writer.close()
-                    current = shard_of[name]
-                    writer = ShardWriter(tmp / files[current], [e[:3] for e in entries
-                                                                if shard_of[e[0]] == current])
-                writer.write(name, tensor)
-                bar.update(tensor.nbytes)
+                for name, tensor in (quantizer.encode(name, tensor) if quantizer
+                                     else [(name, tensor)]):
+                    if shard_of[name] != current:  # entries are in output order: shards in turn
+                        if writer is not None:
+                            writer.close()
+                        current = shard_of[name]
+                        writer = ShardWriter(tmp / files[current], [
+                            e[:3] for e in entries if shard_of[e[0]] == current])
+                    writer.write(name, tensor)
+                    bar.update(tensor.nbytes)
             value = tensor = None  # drop the unit (tensor is a view of it), then trim
             release_freed_memory()
         writer.close()
@@ -390,8 +398,12 @@ def convert_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *,
                  "weight_map": {e[0]: files[shard_of[e[0]]] for e in entries}}
         with open(tmp / INDEX_FILE, "w") as f:
             json.dump(index, f, indent=2)
+        hf_config = config.to_hf()
+        if quantizer:
+            hf_config["quantization_config"] = quantizer.quantization_config(
+                [e[0] for e in entries])
         with open(tmp / CONFIG_FILE, "w") as f:
-            json.dump(config.to_hf(), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         with open(tmp / GENERATION_CONFIG_FILE, "w") as f:
             json.dump(generation_config(config), f, indent=2)
         os.rename(tmp, out)

@@ -36,6 +36,7 @@ CONFIG_FILE = "config.json"
 FLOAT_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
                 "F16": np.dtype(np.float16)}
 DTYPE_CODES = {v: k for k, v in FLOAT_DTYPES.items()}
+DTYPE_CODES[np.dtype(ml_dtypes.float8_e4m3fn)] = "F8_E4M3"  # written by to-hf --fp8
 
 
 class ConversionError(UserError, ValueError):
