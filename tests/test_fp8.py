@@ -250,9 +250,9 @@ def test_bad_scale_names_the_tensor(fp8_hub, tmp_path, capsys, fault):
     _rewrite(folder, edit)
     out = tmp_path / "out" / "ckpt"
     assert convert_hf.main(["to-jax", "--hf", str(folder), "--out", str(out),
-                            "--no-progress"]) != 0
+                            "--no-progress"]) == 2  # a user error
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and scale in err and "\n" not in err, err
+    assert err.startswith("glm-jax-convert: error:") and scale in err and "\n" not in err, err
     assert not out.exists() and not out.parent.exists()
 
 
