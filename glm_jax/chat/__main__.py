@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer and not os.path.isfile(args.tokenizer):
         _fail(f"--tokenizer {args.tokenizer}: no such file (a hub tokenizer.json)")
     from glm_jax.chat.tokens import load_chat_tokenizer
-    from glm_jax.generate.__main__ import load_model, resolve_checkpoint
+    from glm_jax.checkpoint_source import resolve_checkpoint
+    from glm_jax.convert import load_checkpoint
 
     try:
-        resolve_checkpoint(args.ckpt)
+        resolve_checkpoint(args.ckpt, what="--ckpt")
         tokenizer = load_chat_tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     from glm_jax.sft.calculator import CALCULATOR_TOOL
     from glm_jax.sft.evaluate import run_tool
 
-    model = load_model(args.ckpt)
+    model = load_checkpoint(args.ckpt)
     try:
         policy = model_policy(model, tokenizer, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed)
