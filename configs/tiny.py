@@ -10,7 +10,8 @@ from configs.training import add_training_sections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
-        vocab_size=320,  # 256 bytes + specials, padded to a multiple of 64
+        vocab_size=320,  # 256 bytes, eos/bos/pad, the chat special tokens (ids up to 275,
+        # glm_jax.chat.tokens), padded to a multiple of 64
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=4,

@@ -8,11 +8,18 @@ Two sources:
     with a HuggingFace `tokenizers` tokenizer.json.
 
 Either way a corpus is one flat token array (every document is [bos] + tokens + [eos]) plus
-the start offset of each document. Packing is concatenate-and-chunk: row i is
-tokens[i*T:(i+1)*T]; `segment_ids` number the documents inside a row from 1, `positions`
-count from 0 at every document start (and at the row start for a document continued from
-the previous row). No token
-is padding, and the loss masks every target that belongs to another document.
+the start offset of each document, and optionally a per-token `loss_mask` (SFT conversations,
+`glm_jax.sft.data`: 1 on the tokens the model writes, 0 on the prompt).
+
+Two packings, both with `segment_ids` numbering the documents inside a row from 1 and
+`positions` counting from 0 at every document start:
+  * `PackedRows` (pretraining), concatenate-and-chunk: row i is tokens[i*T:(i+1)*T]; a
+    document continued from the previous row restarts its positions at the row start. No
+    token is padding, and the loss masks every target that belongs to another document.
+  * `DocumentRows` (SFT), whole documents: documents are placed in corpus order, each in the
+    current row if it still has room, else in a new one (next-fit), never split; the rest of
+    a row is padding with segment id 0 and loss mask 0. A document longer than a row is cut to
+    the row (its tail is lost; the count is reported).
 
 The grain pipeline shuffles rows by seed (a new permutation each epoch), repeats forever,
 batches, and gives process p of P the batches p, p+P, p+2P, ... of the global stream, so
@@ -45,6 +52,7 @@ class Corpus:
     doc_starts: np.ndarray  # [D] int64, sorted, doc_starts[0] == 0
     vocab_size: int  # smallest model vocab that holds every id
     description: str
+    loss_mask: np.ndarray | None = None  # [N] float32: 1 where the token is a target
 
     @property
     def num_tokens(self) -> int:
@@ -211,20 +219,65 @@ class PackedRows:
                 "positions": (idx - np.maximum(self.doc_starts[doc], lo)).astype(np.int32)}
 
 
+class DocumentRows:
+    """grain random-access source: whole documents packed next-fit into `seq_len` rows,
+    padded with `pad_id` (segment id 0, position 0, loss mask 0). Rows carry
+    `loss_mask` [T] float32 (the corpus's, or 1 on every document token)."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, pad_id: int):
+        self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
+        starts = corpus.doc_starts
+        ends = np.append(starts[1:], corpus.num_tokens)
+        lengths = np.minimum(ends - starts, seq_len)
+        self.truncated = int(np.sum(ends - starts > seq_len))
+        rows, used = [[]], 0  # each row: the indices of its documents
+        for d, n in enumerate(lengths.tolist()):
+            if used + n > seq_len:
+                rows.append([])
+                used = 0
+            rows[-1].append(d)
+            used += n
+        self._rows = [r for r in rows if r]
+        self._lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        c, t = self.corpus, self.seq_len
+        out = {"tokens": np.full(t, self.pad_id, np.int32),
+               "segment_ids": np.zeros(t, np.int32),
+               "positions": np.zeros(t, np.int32),
+               "loss_mask": np.zeros(t, np.float32)}
+        pos = 0
+        for seg, d in enumerate(self._rows[int(i)], start=1):
+            lo, n = int(c.doc_starts[d]), int(self._lengths[d])
+            out["tokens"][pos:pos + n] = c.tokens[lo:lo + n]
+            out["segment_ids"][pos:pos + n] = seg
+            out["positions"][pos:pos + n] = np.arange(n)
+            out["loss_mask"][pos:pos + n] = (
+                1.0 if c.loss_mask is None else c.loss_mask[lo:lo + n])
+            pos += n
+        return out
+
+
 def make_corpus(data_cfg) -> Corpus:
     return load_token_dir(data_cfg.path) if data_cfg.path else stdlib_corpus(data_cfg.max_bytes)
 
 
 def make_dataset(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                 worker_buffer_size: int = 2) -> grain.IterDataset:
+                 worker_buffer_size: int = 2, whole_documents: bool = False,
+                 pad_id: int = BYTE_PAD) -> grain.IterDataset:
     """The endless stream of this process's batches: dicts of [global_batch / processes,
-    seq_len] int32 arrays."""
+    seq_len] arrays (tokens / segment_ids / positions int32; with whole_documents=True also
+    loss_mask float32, and rows are `DocumentRows` padded with `pad_id`)."""
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} must divide over the "
                          f"{process_count} processes")
     local_batch = global_batch // process_count
-    rows = PackedRows(corpus, seq_len)
+    rows = (DocumentRows(corpus, seq_len, pad_id) if whole_documents
+            else PackedRows(corpus, seq_len))
     if len(rows) < global_batch:
         raise ValueError(f"the corpus ({corpus.num_tokens} tokens) gives {len(rows)} rows of "
                          f"seq_len={seq_len}, fewer than one batch of {global_batch}")
