@@ -75,11 +75,13 @@ def restore(manager: ocp.CheckpointManager, step: int, state: TrainState,
 
 
 def _params_dir(path: str) -> str:
-    """The `params` item of `path`: a CheckpointManager root (latest step), a step folder,
-    or the params folder itself."""
+    """The `params` item of `path`: a train.py workdir or a CheckpointManager root (latest
+    step), a step folder, or the params folder itself."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"config.init_from={path!r}: no such folder")
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
+        path = os.path.join(path, "checkpoints")
     steps = [d for d in os.listdir(path) if d.isdigit()]
     if steps:
         path = os.path.join(path, max(steps, key=int))
@@ -100,7 +102,15 @@ def check_init_from(path: str, model_cfg) -> None:
     try:
         hf = read_config(step_dir)
     except FileNotFoundError:
-        return  # a bare params item (e.g. one of our own run checkpoints): shapes decide
+        return  # a bare params item: shapes decide
+    if "model" in hf and "train" in hf:  # a glm-jax run's checkpoint: its run config
+        theirs = GlmConfig.from_dict(hf["model"])
+        if theirs != model_cfg:
+            diff = {k: (v, getattr(theirs, k)) for k, v in model_cfg.to_dict().items()
+                    if getattr(theirs, k) != v}
+            raise ValueError(f"config.init_from={path!r}: the run's config.model differs "
+                             f"from this config.model in {diff} (ours, theirs)")
+        return
     compute = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "moe_backend",
                                                   "capacity_factor", "attention_backend",
                                                   "remat_policy")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -109,15 +109,28 @@ class _StopFlag:
         return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
 
 
+Evaluate = Callable[[Any, int], dict[str, float]]  # (GlmForCausalLM, step) -> metrics
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        stop_at: int | None = None) -> dict[str, Any]:
+        stop_at: int | None = None, corpus: data.Corpus | None = None,
+        whole_documents: bool = False, pad_id: int = data.BYTE_PAD,
+        loss_fn: Any = None, evaluate: Evaluate | None = None, eval_every: int = 0,
+        evaluate_at_start: bool = False) -> dict[str, Any]:
     """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
     only up to step `stop_at` (then save and return, as on SIGTERM).
+
+    Post-training reuses this loop through its hooks: `corpus` instead of `cfg.data`'s
+    (with `whole_documents` / `pad_id` for make_dataset), `loss_fn` for make_trainer, and
+    `evaluate(model, step)`, called every `eval_every` steps (0 = never), at the end, and
+    before the first step of a fresh run if `evaluate_at_start`; its metrics go to
+    metrics.jsonl / TensorBoard under "eval/".
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
-    "state": the final train state}."""
+    "state": the final train state, "step", "eval": {step: evaluate's metrics}}."""
     model_cfg = validate(cfg)
     t = cfg.train
-    corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
+    if corpus is None:
+        corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
     if corpus.vocab_size > model_cfg.vocab_size:
         _fail("model.vocab_size", model_cfg.vocab_size,
               f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
@@ -135,14 +148,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    trainer = make_trainer(cfg, mesh)
+    trainer = make_trainer(cfg, mesh, loss_fn)
     schedule = trainer.schedule
     state = trainer.init()
 
     dataset = data.make_dataset(
         corpus, seq_len=t.seq_len, global_batch=t.batch_size, seed=cfg.data.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=cfg.data.num_workers, worker_buffer_size=cfg.data.worker_buffer_size)
+        num_workers=cfg.data.num_workers, worker_buffer_size=cfg.data.worker_buffer_size,
+        whole_documents=whole_documents, pad_id=pad_id)
     data_iter = iter(dataset)
 
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
@@ -181,6 +195,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                 for k, v in local.items()}
 
     losses: dict[int, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+
+    def run_evaluation(step: int) -> None:
+        evals[step] = evaluate(trainer.model(state), step)
+        writer.write(step, {f"eval/{k}": v for k, v in evals[step].items()})
+
+    if evaluate is not None and evaluate_at_start and start == 0:
+        run_evaluation(0)
     last_counts = None
     stopped_by = None
     bar = tqdm(total=t.steps, initial=start, disable=not (lead and progress),
@@ -211,12 +233,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
                     "finite": bool(m["finite"]), "skipped_steps": int(state.skipped),
                 }
+                if "valid_tokens" in m:  # targets the loss counted (SFT: trained tokens)
+                    record["valid_tokens"] = float(m["valid_tokens"])
                 writer.write(step, {k: (None if isinstance(v, float) and np.isnan(v) else v)
                                     for k, v in record.items()})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}",
                                 mfu=f"{record['mfu']:.1%}")
             bar.update(1)
             checkpoint.save(manager, step, state, data_iter, config_json)
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < end:
+                run_evaluation(step)
             if stop.agreed():
                 stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
                 break
@@ -225,6 +251,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, data_iter, config_json, force=True)
         manager.wait_until_finished()
+    if evaluate is not None and not stopped_by and step == t.steps and step not in evals:
+        run_evaluation(step)
     manager.close()
     writer.close()
     if lead:
@@ -234,7 +262,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         else:
             for path in metrics.plot_run(workdir, last_counts):
                 print(f"wrote {path}", flush=True)
-    return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step}
+    return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step,
+            "eval": evals}
 
 
 def main(argv: list[str] | None = None) -> None:
