@@ -1,6 +1,6 @@
 """The SFT command on the pretraining loop: a very short run of a very small model on the
-embedded task set writes checkpoints, metrics (losses, trained tokens, held-out accuracy
-per mode) and plots, and resumes where it stopped; init_from accepts a run's workdir; bad
+embedded task set (`python -m glm_jax.sft` in a subprocess) writes checkpoints, metrics
+(losses, trained tokens, held-out accuracy per mode) and plots, and resumes where it stopped; init_from accepts a run's workdir; bad
 config -> one line, exit 2. Not timed: the accuracy a real run reaches is in
 docs/benchmarks.md."""
 
@@ -15,47 +15,53 @@ import pytest
 
 from configs import sft_tiny
 from glm_jax.config import GlmConfig
-from glm_jax.sft.train import run_sft
 from glm_jax.train import checkpoint
 from train_config import OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**changes):
-    cfg = sft_tiny.get_config()
-    model = {k: v for k, v in OVERRIDES.items() if k.startswith("model.")}
-    for key, value in {**model, "train.batch_size": 8, "train.seq_len": 320,
-                       "train.steps": 3, "train.log_every": 1, "train.peak_flops": 1e11,
-                       "checkpoint.every": 2, "sft.tasks": "add,sub",
-                       "sft.train_problems": 24, "sft.eval_problems": 1,
-                       "sft.eval_at_start": False, "sft.eval_max_new_tokens": 4,
-                       **changes}.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
-    return cfg
+# A very small model (tests/train_config.py's sizes) on short arithmetic conversations.
+FLAGS = {**{k: v for k, v in OVERRIDES.items() if k.startswith("model.")},
+         "train.batch_size": 4, "train.seq_len": 320, "train.log_every": 1,
+         "train.peak_flops": 1e11, "checkpoint.every": 2, "sft.tasks": "add,sub",
+         "sft.train_problems": 16, "sft.eval_problems": 1, "sft.eval_at_start": False,
+         "sft.eval_max_new_tokens": 4, "sft.eval_batch_size": 2}
+
+
+def _sft(workdir: str, cache: str, steps: int) -> subprocess.CompletedProcess:
+    # One device and a shared compilation cache: the resumed run reuses the first's
+    # compiled step and generation programs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "glm_jax.sft", "--workdir", workdir,
+           *[f"--config.{k}={v}" for k, v in {**FLAGS, "train.steps": steps}.items()]]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # a hang guard, not a timing assertion
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(tmp_path):
-    workdir = str(tmp_path / "sft")
-    cfg = _config()
-    first = run_sft(cfg, workdir, progress=False, stop_at=2)
-    assert first["step"] == 2 and sorted(first["losses"]) == [1, 2] and not first["eval"]
-    assert first["truncated"] == 0  # arithmetic conversations fit 320 tokens whole
-    second = run_sft(cfg, workdir, progress=False)  # finds step 2 and continues
-    assert sorted(second["losses"]) == [3] and int(second["state"].step) == 3
+    workdir, cache = str(tmp_path / "sft"), str(tmp_path / "xla")
+    first = _sft(workdir, cache, steps=2)
+    assert "0 of 32 conversations longer than train.seq_len=320 are cut" in first.stdout
+    second = _sft(workdir, cache, steps=3)  # finds step 2 and trains on
+    assert "resumed from step 2" in second.stdout, second.stdout
+    assert "eval step 3: held-out accuracy" in second.stdout
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
-    # Only assistant tokens are targets: far fewer than the batch's 8 x 320 positions.
-    assert all(0 < r["valid_tokens"] < 8 * 320 * 0.5 for r in steps)
+    # Only assistant tokens are targets: far fewer than the batch's 4 x 320 positions.
+    assert all(0 < r["valid_tokens"] < 4 * 320 * 0.5 for r in steps)
     evals = [r for r in records if "eval/accuracy/all" in r]
-    assert [r["step"] for r in evals] == [3]
+    assert [r["step"] for r in evals] == [2, 3]  # the end of each run
     for key in ("thinking", "non_thinking", "task/add"):
-        assert 0.0 <= evals[0][f"eval/accuracy/{key}"] <= 1.0
+        assert 0.0 <= evals[-1][f"eval/accuracy/{key}"] <= 1.0
     with open(os.path.join(workdir, "eval", "step_3.jsonl")) as f:
         played = [json.loads(line) for line in f]
     assert sorted(r["thinking"] for r in played) == [False, True]
@@ -63,11 +69,12 @@ def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(tmp_path):
         assert os.path.getsize(os.path.join(workdir, name)) > 1000
 
     # The workdir is a valid init_from for this model, and names the mismatch for another.
-    model_cfg = GlmConfig.from_dict(cfg.model.to_dict())
-    checkpoint.check_init_from(workdir, model_cfg)
-    other = GlmConfig.from_dict({**cfg.model.to_dict(), "hidden_size": 48})
+    cfg = sft_tiny.get_config()
+    model = {**cfg.model.to_dict(), **{k.split(".")[1]: v for k, v in FLAGS.items()
+                                       if k.startswith("model.")}}
+    checkpoint.check_init_from(workdir, GlmConfig.from_dict(model))
     with pytest.raises(ValueError, match="config.model differs"):
-        checkpoint.check_init_from(workdir, other)
+        checkpoint.check_init_from(workdir, GlmConfig.from_dict({**model, "hidden_size": 48}))
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -78,6 +85,6 @@ def test_sft_cli_bad_input_is_one_line_exit_2(flag, message):
     proc = subprocess.run([sys.executable, "-m", "glm_jax.sft", flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"python -m glm_jax.sft: " +
+    assert proc.stderr.strip().splitlines() == ["python -m glm_jax.sft: " +
                                                proc.stderr.strip().split(": ", 1)[1]]
     assert message in proc.stderr
