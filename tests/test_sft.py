@@ -5,6 +5,7 @@ model), the embedded task set and its verifier."""
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,9 @@ from glm_jax.chat.render import render
 from glm_jax.chat.tokens import ByteChatTokenizer, tokenize
 from glm_jax.config import GlmConfig
 from glm_jax.model.transformer import GlmForCausalLM
-from glm_jax.sft import calculator, data, loss, reward, tasks
+from glm_jax.sft import calculator, data, reward, tasks
 from glm_jax.train.data import BYTE_PAD, Corpus, DocumentRows, make_dataset
+from glm_jax.train.loss import NextTokenLoss, shifted_targets
 from train_config import small_config
 
 TOK = ByteChatTokenizer()
@@ -100,21 +102,49 @@ def test_document_rows_keep_conversations_whole():
 
 
 # ------------------------------------------------------------------ loss
+def _masked_batch(rng, rows=4, t=6, vocab=7):
+    return {"tokens": jnp.asarray(rng.integers(0, vocab, (rows, t)), jnp.int32),
+            "segment_ids": jnp.asarray(np.repeat([[1, 1, 1, 2, 2, 0]], rows, 0), jnp.int32),
+            "loss_mask": jnp.asarray(rng.integers(0, 2, (rows, t)), jnp.float32)}
+
+
 def test_masked_loss_matches_a_direct_computation():
+    """NextTokenLoss with a loss_mask: the mean CE over marked targets of the same document."""
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    targets = rng.integers(0, 7, (2, 5))
-    weights = rng.integers(0, 2, (2, 5)).astype(np.float32)
-    got, metrics = loss.masked_next_token_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                               jnp.asarray(weights))
+    batch = _masked_batch(rng)
+    logits = rng.normal(size=(4, 6, 7)).astype(np.float32)
+    fn = NextTokenLoss()
+    got, metrics = fn(types.SimpleNamespace(logits=jnp.asarray(logits), mtp_logits=()),
+                      fn.prepare(batch))
+    tokens, seg, mask = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "loss_mask"))
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(got, (ce * weights).sum() / weights.sum(), rtol=1e-6)
-    assert float(metrics["trained_tokens"]) == weights.sum()
+    ce = lse[:, :-1] - np.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    w = mask[:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, :-1] != 0)
+    np.testing.assert_allclose(got, (ce * w).sum() / w.sum(), rtol=1e-6)
+    assert float(metrics["valid_tokens"]) == w.sum()
+
+
+def test_masked_loss_of_micro_batches_adds_up_to_the_batch_loss():
+    """prepare() normalizes over the whole batch, so the row groups' losses (what the
+    trainer computes per micro-batch) sum to the one-batch loss, main head and MTP."""
+    rng = np.random.default_rng(1)
+    batch = _masked_batch(rng)
+    out = types.SimpleNamespace(logits=jnp.asarray(rng.normal(size=(4, 6, 7)), jnp.float32),
+                                mtp_logits=(jnp.asarray(rng.normal(size=(4, 6, 7)),
+                                                        jnp.float32),))
+    fn = NextTokenLoss(mtp_loss_weight=0.3, mtp_depths=1)
+    prepared = fn.prepare(batch)
+    whole, _ = fn(out, prepared)
+    parts = 0.0
+    for rows in (slice(0, 1), slice(1, 4)):  # unequal numbers of trained tokens
+        part_out = types.SimpleNamespace(logits=out.logits[rows],
+                                         mtp_logits=(out.mtp_logits[0][rows],))
+        parts += fn(part_out, {k: v[rows] for k, v in prepared.items()})[0]
+    np.testing.assert_allclose(parts, whole, rtol=1e-6)
 
 
 def test_packed_sft_loss_equals_per_conversation_losses(task_set):
-    """Packed rows give each conversation the same weighted CE (main head and MTP) as the
+    """NextTokenLoss with the batch's loss_mask (the SFT loss): packed rows give each conversation the same weighted CE (main head and MTP) as the
     conversation alone in its row, and the packed loss is their token-weighted mean."""
     train, _ = task_set
     records = [r for r in train if r["task"] != "tool"][:6]
@@ -132,10 +162,13 @@ def test_packed_sft_loss_equals_per_conversation_losses(task_set):
     def forward(model, batch):
         out = model(batch["tokens"], positions=batch["positions"],
                     segment_ids=batch["segment_ids"])
-        total, _ = loss.sft_loss(out.logits, out.mtp_logits, batch, mtp_loss_weight=0.3)
+        fn = NextTokenLoss(mtp_loss_weight=0.3, mtp_depths=1)
+        total, _ = fn(out, fn.prepare(batch))
         per_head = []  # per-token weighted CE [B, T] and weights, main head then MTP
         for shift, logits in ((1, out.logits), (2, out.mtp_logits[0])):
-            targets, w = loss.shifted_weights(batch, shift)
+            targets, valid = shifted_targets(batch["tokens"], batch["segment_ids"], shift,
+                                             batch["loss_mask"])
+            w = valid.astype(jnp.float32)
             lse = jax.nn.logsumexp(logits, axis=-1)
             ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             per_head.append((ce * w, w))

@@ -90,11 +90,13 @@ def load_conversations(paths: list[str], tokenizer: ChatTokenizer) -> Corpus:
 
 
 def embedded_corpus(tokenizer: ChatTokenizer, *, seed: int = 0, train_problems: int = 2000,
-                    eval_problems: int = 100) -> tuple[Corpus, list[dict[str, Any]]]:
-    """The embedded default task set (glm_jax.sft.tasks): (training Corpus, held-out records)."""
-    from glm_jax.sft.tasks import default_sft_set
+                    eval_problems: int = 100, tasks: tuple[str, ...] | None = None
+                    ) -> tuple[Corpus, list[dict[str, Any]]]:
+    """The embedded default task set (glm_jax.sft.tasks; `tasks` a subset of its TASKS,
+    default all): (training Corpus, held-out records)."""
+    from glm_jax.sft.tasks import TASKS, default_sft_set
 
-    train, held_out = default_sft_set(seed, train_problems, eval_problems)
+    train, held_out = default_sft_set(seed, train_problems, eval_problems, tasks or TASKS)
     corpus = conversation_corpus(((f"embedded record {r['id']}", r) for r in train), tokenizer,
                                  f"embedded task set (seed {seed})")
     return corpus, held_out

@@ -33,7 +33,8 @@ def distillation_loss(student_logits: jax.Array,
                       temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """student_logits [B, T, V]; teachers: (teacher_logits [B, T, V], weights [B, T]) pairs,
     the weights aligned with the logits (position t predicts token t + 1: use
-    `glm_jax.sft.loss.shifted_weights(batch, 1)[1]`). Teacher logits get no gradient.
+    `glm_jax.train.loss.shifted_targets(tokens, segment_ids, 1, loss_mask)[1]`).
+    Teacher logits get no gradient.
     Returns (sum of w * KL / sum of w, {"kl", "kl/teacher_k", "distilled_tokens"})."""
     if not teachers:
         raise ValueError("distillation_loss needs at least one (teacher_logits, weights) pair")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -110,13 +110,26 @@ class _StopFlag:
         return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
 
 
+Evaluate = Callable[[Any, int], dict[str, float]]  # (GlmForCausalLM, step) -> metrics
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        stop_at: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+        stop_at: int | None = None, overrides: tuple[str, ...] = (),
+        corpus: data.Corpus | None = None, whole_documents: bool = False,
+        pad_id: int = data.BYTE_PAD, loss_fn: Any = None, evaluate: Evaluate | None = None,
+        evaluate_every: int = 0, evaluate_at_start: bool = False) -> dict[str, Any]:
     """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
     only up to step `stop_at` (then save and return, as on SIGTERM). `overrides`: the
     config fields set on the command line (see run_config.resolve).
+
+    Post-training reuses this loop through its hooks: `corpus` instead of `cfg.data`'s
+    (with `whole_documents` / `pad_id` for make_dataset), `loss_fn` for make_trainer, and
+    `evaluate(model, step)`, called every `evaluate_every` steps (0 = never), at the end,
+    and before the first step of a fresh run if `evaluate_at_start`; its metrics go to
+    metrics.jsonl / TensorBoard under "eval/".
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
-    "state": the final train state (None when there was nothing to do)}."""
+    "state": the final train state (None when there was nothing to do), "step",
+    "eval": {step: evaluate's metrics}}."""
     # The model of init_from, and the resume guard: before anything is built.
     cfg, resume_step = run_config.resolve(cfg, workdir, overrides)
     model_cfg = validate(cfg)
@@ -127,10 +140,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                   "further.", flush=True)
         return {"losses": {}, "stopped_by": None, "state": None, "step": resume_step}
     t = cfg.train
-    corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
     held_out = None
-    if t.eval_every:
-        corpus, held_out = evaluation.split_corpus(corpus, cfg.data.eval_fraction)
+    if corpus is None:
+        corpus = data.make_corpus(cfg.data)  # missing files fail here, before compiling
+        if t.eval_every:
+            corpus, held_out = evaluation.split_corpus(corpus, cfg.data.eval_fraction)
     if corpus.vocab_size > model_cfg.vocab_size:
         _fail("model.vocab_size", model_cfg.vocab_size,
               f"smaller than the data's vocabulary ({corpus.vocab_size}, {corpus.description})")
@@ -148,14 +162,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    trainer = make_trainer(cfg, mesh)
+    trainer = make_trainer(cfg, mesh, loss_fn)
     schedule = trainer.schedule
     state = trainer.init()
 
     dataset = data.make_dataset(
         corpus, seq_len=t.seq_len, global_batch=t.batch_size, seed=cfg.data.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=cfg.data.num_workers, worker_buffer_size=cfg.data.worker_buffer_size)
+        num_workers=cfg.data.num_workers, worker_buffer_size=cfg.data.worker_buffer_size,
+        whole_documents=whole_documents, pad_id=pad_id)
     data_iter = iter(dataset)
 
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
@@ -210,6 +225,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                 for k, v in local.items()}
 
     losses: dict[int, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+
+    def run_evaluation(step: int) -> None:
+        evals[step] = evaluate(trainer.model(state), step)
+        writer.write(step, {f"eval/{k}": v for k, v in evals[step].items()})
+
+    if evaluate is not None and evaluate_at_start and start == 0:
+        run_evaluation(0)
     last_counts = None
     stopped_by = None
     report = TrainProgress(total=t.steps, start=start, enabled=lead and progress)
@@ -222,9 +245,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             state, m = trainer.step(state, global_batch(next(data_iter)))
             step += 1
             record = None
-            evaluate = evaluator is not None and (step % t.eval_every == 0 or step == end)
+            eval_loss_now = evaluator is not None and (step % t.eval_every == 0 or step == end)
             if (step % t.log_every == 0 or step == t.steps or step == start + 1
-                    or evaluate):
+                    or eval_loss_now):
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 # The first step of a run includes compilation: not a throughput sample.
@@ -242,8 +265,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                     "dropped_fraction": float(m["dropped"]) / max(pairs_per_step, 1),
                     "finite": bool(m["finite"]), "skipped_steps": int(state.skipped),
                 }
-                if evaluate:
+                if eval_loss_now:
                     record.update(evaluator(state))
+                if "valid_tokens" in m:  # targets the loss counted (SFT: trained tokens)
+                    record["valid_tokens"] = float(m["valid_tokens"])
                 # No throughput before the first timed window: None, not nan.
                 record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                           for k, v in record.items()}
@@ -254,6 +279,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                 clock, clock_step = time.perf_counter(), step
             report.step(step, record)
             checkpoint.save(manager, step, state, data_iter, config_json)
+            if (evaluate is not None and evaluate_every and step % evaluate_every == 0
+                    and step < end):
+                run_evaluation(step)
             if stop.agreed():
                 stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
                 break
@@ -262,6 +290,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, data_iter, config_json, force=True)
         manager.wait_until_finished()
+    if evaluate is not None and not stopped_by and step == t.steps and step not in evals:
+        run_evaluation(step)
     manager.close()
     writer.close()
     if lead:
@@ -271,7 +301,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         else:
             for path in plots.update(last_counts, force=True):
                 print(f"wrote {path}", flush=True)
-    return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step}
+    return {"losses": losses, "stopped_by": stopped_by, "state": state, "step": step,
+            "eval": evals}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -168,7 +168,8 @@ def plot_run(workdir: str, expert_counts: np.ndarray | None,
 
     run = os.path.basename(os.path.normpath(workdir))
     written = []
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    # Evaluation records (keys "eval/...") share the file; the loss curve skips them.
+    records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     if records:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         steps = [r["step"] for r in records]

@@ -1,0 +1,30 @@
+"""Supervised fine-tuning of the tiny model (configs/tiny.py) on the embedded chat task set:
+`python -m glm_jax.sft --config.init_from=runs/tiny` (a train.py workdir, or a converted
+hub checkpoint with `--config.sft.tokenizer`). Rows of 1024 tokens hold the calculator
+episodes whole (their tool list alone is ~700 byte tokens)."""
+
+import ml_collections
+
+from configs import tiny
+from configs.training import add_training_sections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = tiny.get_config().model
+    add_training_sections(config, steps=150, batch_size=4, seq_len=1024, learning_rate=1e-3,
+                          warmup_steps=10, checkpoint_every=50, log_every=5)
+    config.sft = ml_collections.ConfigDict(dict(
+        data="",  # comma-separated JSONL conversation files; "" = the embedded task set
+        eval_data="",  # JSONL held-out records with an "answer" (user data); "" = none
+        tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
+        tasks="add,sub,mul,word,tool",  # embedded: which tasks (glm_jax.sft.tasks.TASKS)
+        seed=0,  # embedded task set: which problems
+        train_problems=2000,  # embedded: problems for training (each in both modes)
+        eval_problems=50,  # embedded: held-out problems (each in both modes)
+        eval_every=0,  # steps between evaluations (0 = only before and after training)
+        eval_at_start=True,  # evaluate the initial model (the "before" accuracy)
+        eval_max_new_tokens=256,  # per assistant turn
+        eval_batch_size=25,  # conversations generated together
+    ))
+    return config
