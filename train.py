@@ -43,8 +43,8 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    from glm_jax.train.cli import define_flags, help_text, parse_flags
+    from glm_jax.train.cli import define_flags, flags_parser, help_text
 
     define_flags(sys.argv[1:])
     __doc__ = help_text(__doc__, sys.argv[1:])  # absl's --help prints the main module's doc
-    app.run(_main, flags_parser=parse_flags)
+    app.run(_main, flags_parser=flags_parser())

@@ -75,21 +75,19 @@ def leaf_to_hf(leaf: LeafMap, value: np.ndarray) -> dict[str, np.ndarray]:
 def check_copies(tensors: Mapping[str, np.ndarray], config: GlmConfig) -> set[str]:
     """The MTP layer's embedding / head copies, and a tied model's `lm_head.weight`, must
     equal the tensor they copy. Returns the names of those present."""
+    # transformers unties a differing head with a warning; here the config is the truth.
+    kinds = ((mtp_copy_names(config), "glm-jax shares one embedding and head between the main "
+              "model and MTP"),
+             (tied_copy_names(config), "config.json has tie_word_embeddings=true; set it "
+              "to false to load an untied head"))
     seen = set()
-    for copy, main in mtp_copy_names(config).items():
-        if copy in tensors:
+    for copies, why in kinds:
+        for copy, main in copies.items():
+            if copy not in tensors:
+                continue
             if main in tensors and not np.array_equal(np.asarray(tensors[copy]),
                                                       np.asarray(tensors[main])):
-                raise ValueError(f"tensor {copy!r} differs from {main!r}; glm-jax shares one "
-                                 "embedding and head between the main model and MTP")
-            seen.add(copy)
-    for copy, main in tied_copy_names(config).items():
-        if copy in tensors:
-            # transformers unties a differing head with a warning; here the config is the truth.
-            if main in tensors and not np.array_equal(np.asarray(tensors[copy]),
-                                                      np.asarray(tensors[main])):
-                raise ValueError(f"tensor {copy!r} differs from {main!r} but config.json has "
-                                 "tie_word_embeddings=true; set it to false to load an untied head")
+                raise ValueError(f"tensor {copy!r} differs from {main!r}; {why}")
             seen.add(copy)
     return seen
 

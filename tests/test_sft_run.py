@@ -85,6 +85,7 @@ def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--config.sft.data=/nonexistent/c.jsonl", "/nonexistent/c.jsonl: cannot open"),
     ("--config.sft.tasks=add,div", "config.sft.tasks='add,div': unknown task(s) ['div']"),
+    ("--config.train.stpes=3", "did you mean --config.train.steps?"),
 ])
 def test_sft_cli_bad_input_is_one_line_exit_2(flag, message):
     proc = subprocess.run([sys.executable, "-m", "glm_jax.sft", flag], cwd=ROOT,

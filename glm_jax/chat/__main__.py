@@ -15,12 +15,13 @@ import json
 import os
 import sys
 
-USAGE_ERROR = 2
+from glm_jax.cli_errors import ArgumentParser, fail
+
+PROG = "python -m glm_jax.chat"
 
 
 def _fail(message: str) -> None:
-    print(f"python -m glm_jax.chat: {message}", file=sys.stderr)
-    sys.exit(USAGE_ERROR)
+    fail(PROG, message)
 
 
 def _show(message: dict, out=sys.stdout) -> None:
@@ -39,7 +40,7 @@ def _show(message: dict, out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glm_jax.chat", description=__doc__,
+    p = ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py workdir or checkpoint folder")
     p.add_argument("--tokenizer", default=None, help="a hub tokenizer.json (GLM-4.5's)")

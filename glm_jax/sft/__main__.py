@@ -1,29 +1,28 @@
 """Supervised fine-tuning: `python -m glm_jax.sft --config.init_from=runs/tiny
 [--config configs/sft_tiny.py] [--workdir runs/sft_tiny] [--config.sft.data=a.jsonl,b.jsonl]
-[--config.train.steps=150]`. Every config field is a flag. A workdir holding checkpoints is
-resumed exactly. Bad config or data: one line naming it, exit code 2.
+[--config.train.steps=150]`. Every config field is a flag (`--help` lists them with their
+defaults). A workdir holding checkpoints is resumed exactly. Bad flags, config or data: one
+line naming it, exit code 2.
 """
 
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from glm_jax.cli_errors import fail, report_user_errors
+from glm_jax.train import cli
 
-config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "sft_tiny.py"),
-                                "ml_collections config file", lock_config=True)
-flags.DEFINE_string("workdir", None, "run folder (default runs/<config name>); a folder "
-                    "holding checkpoints is resumed")
+PROG = "python -m glm_jax.sft"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "sft_tiny.py")
 
 
 def _main(argv):
     if len(argv) > 1:
-        print(f"python -m glm_jax.sft: unexpected arguments {argv[1:]} (config fields are "
-              "flags: --config.train.steps=100)", file=sys.stderr)
-        sys.exit(2)
-    from absl import logging
+        fail(PROG, f"unexpected arguments {argv[1:]} (config fields are flags: "
+             "--config.train.steps=100)")
+    from absl import flags, logging
 
     from glm_jax.sft.train import prepare, run_sft
 
@@ -32,18 +31,17 @@ def _main(argv):
         logging.set_verbosity(logging.WARNING)
     cfg = FLAGS.config
     if "sft" not in cfg:
-        print(f"python -m glm_jax.sft: {FLAGS['config'].config_filename} has no 'sft' "
-              "section (start from configs/sft_tiny.py)", file=sys.stderr)
-        sys.exit(2)
+        fail(PROG, f"{FLAGS['config'].config_filename} has no 'sft' section (start from "
+             "configs/sft_tiny.py)")
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
-    try:
-        prepared = prepare(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"python -m glm_jax.sft: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_sft(cfg, workdir, prepared=prepared)
+    prepared = report_user_errors(PROG, lambda: prepare(cfg), also=(ValueError,
+                                                                      FileNotFoundError))
+    report_user_errors(PROG, lambda: run_sft(cfg, workdir, prepared=prepared,
+                                             overrides=cli.overrides()))
 
 
 if __name__ == "__main__":
-    app.run(_main)
+    cli.define_flags(sys.argv[1:], PROG, DEFAULT_CONFIG, multi_process=False)
+    __doc__ = cli.help_text(__doc__, sys.argv[1:], DEFAULT_CONFIG)
+    app.run(_main, flags_parser=cli.flags_parser(PROG))

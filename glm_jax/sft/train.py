@@ -157,7 +157,8 @@ def prepare(cfg: ml_collections.ConfigDict):
 
 
 def run_sft(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-            stop_at: int | None = None, prepared=None) -> dict[str, Any]:
+            stop_at: int | None = None, prepared=None,
+            overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fine-tune to cfg.train.steps (resuming `workdir`), evaluating on the held-out split
     before (fresh runs, sft.eval_at_start), every sft.eval_every steps and at the end.
     Returns loop.run's result."""
@@ -180,8 +181,9 @@ def run_sft(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tr
                             GlmConfig.from_dict(cfg.model.to_dict()).num_mtp_layers)
     evaluate = (make_evaluate(cfg, tokenizer, held_out, workdir, lead=lead)
                 if held_out else None)
-    result = loop.run(cfg, workdir, progress=progress, stop_at=stop_at, corpus=corpus,
-                      whole_documents=True, pad_id=tokenizer.pad_id, loss_fn=loss_fn,
+    result = loop.run(cfg, workdir, progress=progress, stop_at=stop_at, overrides=overrides,
+                      corpus=corpus, whole_documents=True, pad_id=tokenizer.pad_id,
+                      loss_fn=loss_fn,
                       evaluate=evaluate, evaluate_every=cfg.sft.eval_every,
                       evaluate_at_start=cfg.sft.eval_at_start)
     if lead and evaluate is not None:

@@ -1,4 +1,5 @@
-"""train.py's command line: flag errors as one line, and `--help` that lists the config.
+"""The absl command lines (train.py, python -m glm_jax.sft): flag errors as one line, and
+`--help` that lists the config.
 
 absl prints a flag error as two lines (and ml_collections a typo'd config field as a
 traceback ending in `Did you mean "steps"`); here every one becomes one line naming the
@@ -21,6 +22,11 @@ from glm_jax.cli_errors import fail
 PROG = "train.py"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "tiny.py")
+
+
+def _help_command(prog: str) -> str:
+    """How to ask `prog` for its --help: `python train.py --help`, `python -m ... --help`."""
+    return f"{prog if prog.startswith('python') else 'python ' + prog} --help"
 
 
 def config_file(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
@@ -51,8 +57,8 @@ def field_listing(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]
     return lines
 
 
-def help_text(doc: str, argv: Sequence[str]) -> str:
-    path = config_file(argv)
+def help_text(doc: str, argv: Sequence[str], default: str = DEFAULT_CONFIG) -> str:
+    path = config_file(argv, default)
     try:
         fields = field_listing(load_config(path))
     except Exception as e:  # noqa: BLE001 -- help must print even for a broken config
@@ -78,12 +84,12 @@ def _nearest(cfg: ml_collections.ConfigDict, parts: list[str]) -> list[str] | No
     return fixed
 
 
-def _unknown_field(argv: Sequence[str]) -> str:
+def _unknown_field(argv: Sequence[str], prog: str, default: str) -> str:
     """The one-line report of the first --config.X override whose field does not exist."""
     try:
-        cfg = load_config(config_file(argv))
+        cfg = load_config(config_file(argv, default))
     except Exception:  # noqa: BLE001 -- then the config file itself is the error
-        return f"cannot load the config file {config_file(argv)}"
+        return f"cannot load the config file {config_file(argv, default)}"
     for arg in argv:
         if not arg.startswith("--config."):
             continue
@@ -92,37 +98,52 @@ def _unknown_field(argv: Sequence[str]) -> str:
             continue  # this one exists
         near = _nearest(cfg, path.split("."))
         guess = f"; did you mean --config.{'.'.join(near)}?" if near else ""
-        return (f"--config.{path}: the config has no field {path!r}{guess} (python "
-                f"{PROG} --help lists the fields)")
+        return (f"--config.{path}: the config has no field {path!r}{guess} ({_help_command(prog)} "
+                "lists the fields)")
     return "a --config override names a field the config does not have"
 
 
-def define_flags(argv: Sequence[str]) -> None:
-    """train.py's flags. ml_collections applies the --config.* overrides while the config
+def define_flags(argv: Sequence[str], prog: str = PROG, default: str = DEFAULT_CONFIG,
+                 multi_process: bool = True) -> None:
+    """The flags --config (default `default`), --workdir and, with `multi_process`, the
+    jax.distributed ones. ml_collections applies the --config.* overrides while the config
     flag is defined, so a missing config file or a typo'd field is reported here."""
     from absl import flags
     from ml_collections import config_flags
 
-    path = config_file(argv)
+    path = config_file(argv, default)
     if not os.path.isfile(path):
-        fail(PROG, f"--config {path}: no such file (the config files are in configs/)")
+        fail(prog, f"--config {path}: no such file (the config files are in configs/)")
     try:
-        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config "
-                                        "file", lock_config=True)
+        config_flags.DEFINE_config_file("config", default, "ml_collections config file",
+                                        lock_config=True)
     except (AttributeError, KeyError):  # an override of a field the config does not have
-        fail(PROG, _unknown_field(argv))
+        fail(prog, _unknown_field(argv, prog, default))
     flags.DEFINE_string("workdir", None, "run folder (default runs/<config name>); a folder "
                         "holding checkpoints is resumed")
+    if not multi_process:
+        return
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
     flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
     flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def flags_parser(prog: str = PROG):
     """absl's flag parser with one-line errors (for app.run(flags_parser=...))."""
     from absl import flags
 
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(PROG, f"{e} (see python {PROG} --help)")
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(prog, f"{e} (see {_help_command(prog)})")
+
+    return parse
+
+
+def overrides() -> tuple[str, ...]:
+    """The config fields set on the command line (for the resume guard and init_from)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    return tuple(config_flags.get_override_values(flags.FLAGS["config"]))

@@ -308,7 +308,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 def main(argv: list[str] | None = None) -> None:
     """absl entry point (train.py defines the flags)."""
     from absl import flags, logging
-    from ml_collections import config_flags
+
+    from glm_jax.train.cli import overrides
 
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
@@ -318,5 +319,4 @@ def main(argv: list[str] | None = None) -> None:
     cfg = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
-    overrides = tuple(config_flags.get_override_values(FLAGS["config"]))
-    run(cfg, workdir, overrides=overrides)
+    run(cfg, workdir, overrides=overrides())
