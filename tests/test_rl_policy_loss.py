@@ -54,6 +54,30 @@ def test_token_logprobs_match_numpy():
     np.testing.assert_allclose(ent, want_ent, rtol=1e-5, atol=1e-6)
 
 
+def test_row_temperature_divides_the_logits():
+    """The rollout samples row b from softmax(logits / T_b): the loss's log-probs (and so its
+    ratio) must be of that distribution, row by row."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, (3, 6))
+    temperature = np.array([1.0, 0.5, 1.3], np.float32)
+    lp, _ = token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(temperature))
+    for b in range(3):
+        want, _ = token_logprobs(jnp.asarray(logits[b:b + 1] / temperature[b]),
+                                 jnp.asarray(tokens[b:b + 1]))
+        np.testing.assert_allclose(lp[b], want[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(lp[1], token_logprobs(jnp.asarray(logits), jnp.asarray(tokens))[0][1])
+    # Through the loss: with old_logprobs = the tempered log-probs every ratio is 1.
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.ones((3, 6), jnp.int32),
+             "advantages": jnp.asarray([1.0, -1.0, 0.5]), "old_logprobs": lp,
+             "temperature": jnp.asarray(temperature)}
+    loss_fn = PolicyGradientLoss()
+    _, metrics = loss_fn(types.SimpleNamespace(logits=jnp.asarray(logits)),
+                         loss_fn.prepare(batch))
+    np.testing.assert_allclose(metrics["ratio"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics["approx_kl"], 0.0, atol=1e-6)
+
+
 def test_loss_equals_the_objective_and_adds_up_over_micro_batches():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, V)).astype(np.float32))
     batch = _batch()

@@ -12,6 +12,9 @@ with `tokens`, position t describing token t):
                 padding, and groups the dynamic-sampling filter dropped)
   advantages    [B] float32, one per sample (objective.group_advantages, flattened)
   old_logprobs  [B, T] float32: log p(token t | tokens < t) under the policy that sampled
+  temperature   [B] float32 (optional): the row's sampling temperature; the logits are
+                divided by it before the log-softmax, so the trainer's log-probabilities
+                are of the distribution the rollout sampled from (without it: 1)
   optional: rollout_logprobs [B, T] (the rollout engine's, for truncated importance
   sampling), ref_logprobs [B, T] (reference policy, for the KL term), eps_low / eps_high [B]
   (this step's clip range, e.g. from objective.AdaptiveClip, repeated per row so that it
@@ -31,11 +34,17 @@ from glm_jax.rl import objective
 Batch = dict[str, jax.Array]
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(logits: jax.Array, tokens: jax.Array,
+                   temperature: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(log p(token t | tokens < t), entropy of that prediction), both [B, T] float32 and
     aligned with `tokens`; position 0 (nothing predicts it) holds 0.
-    logits: [B, T, V], position t predicting token t + 1 (the model's output)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    logits: [B, T, V], position t predicting token t + 1 (the model's output).
+    temperature: [B] (optional): p = softmax(logits / temperature of the row), the
+    distribution a sampler at that temperature draws from."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    if temperature is not None:
+        logits = logits / temperature.astype(jnp.float32)[:, None, None]
+    logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp) * logp).sum(axis=-1)
     pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
@@ -69,7 +78,8 @@ class PolicyGradientLoss:
         return dict(batch, loss_weights=objective.token_loss_weights(mask, self.loss_agg))
 
     def __call__(self, out: Any, batch: Batch) -> tuple[jax.Array, objective.Metrics]:
-        logprobs, entropy = token_logprobs(out.logits, batch["tokens"])
+        logprobs, entropy = token_logprobs(out.logits, batch["tokens"],
+                                           batch.get("temperature"))
 
         def per_row(key, default):  # [B] -> [B, 1], broadcasting over tokens
             return batch[key][:, None] if key in batch else default
