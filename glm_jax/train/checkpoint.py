@@ -5,7 +5,9 @@ A step folder holds four items:
           the same layout the HF converter writes (so `init_from` and resume share it);
   train   {"opt_state", "step", "skipped"};
   data    the grain iterator state of every process (grain's own orbax handler);
-  config  the full run config (JSON).
+  config  the full run config (JSON);
+and a run that has more state of its own (RL: curriculum, temperature, clip range) adds a
+JSON `extra` item and may have no data iterator.
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ def _model_pure(state: TrainState) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
-         data_iter: grain.DatasetIterator, config: dict, *, force: bool = False) -> bool:
-    """Save if the manager's interval says so (or `force`); asynchronous when configured."""
+         data_iter: grain.DatasetIterator | None, config: dict, *, force: bool = False,
+         extra: dict | None = None) -> bool:
+    """Save if the manager's interval says so (or `force`); asynchronous when configured.
+    `extra`: a JSON-plain dict saved as the `extra` item (read back by `restore_extra`)."""
     if not (force or manager.should_save(step)):
         return False
     train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
-    return manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_model_pure(state)),
-        train=ocp.args.StandardSave(train),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config)), force=force)
+    items = dict(params=ocp.args.StandardSave(_model_pure(state)),
+                 train=ocp.args.StandardSave(train), config=ocp.args.JsonSave(config))
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if extra is not None:
+        items["extra"] = ocp.args.JsonSave(extra)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def _abstract(tree: Any) -> Any:
@@ -69,16 +75,23 @@ def _fill(state: TrainState, pure: dict) -> tuple[nnx.State, nnx.State]:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, state: TrainState,
-            data_iter: grain.DatasetIterator) -> TrainState:
-    """Restore into the structure and shardings of `state`; `data_iter` is set in place."""
+            data_iter: grain.DatasetIterator | None) -> TrainState:
+    """Restore into the structure and shardings of `state`; `data_iter` (if any) is set in
+    place."""
     train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
-    out = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(_model_pure(state))),
-        train=ocp.args.StandardRestore(_abstract(train)),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    items = dict(params=ocp.args.StandardRestore(_abstract(_model_pure(state))),
+                 train=ocp.args.StandardRestore(_abstract(train)))
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = manager.restore(step, args=ocp.args.Composite(**items))
     params, biases = _fill(state, out["params"])
     return TrainState(params=params, biases=biases, opt_state=out["train"]["opt_state"],
                       step=out["train"]["step"], skipped=out["train"]["skipped"])
+
+
+def restore_extra(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The `extra` JSON item of step `step` (see `save`)."""
+    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
 
 def load_params(path: str, state: TrainState) -> TrainState:

@@ -76,7 +76,7 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         jax.distributed.initialize()
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT: finish the current step, save, exit.
 
     Why not orbax's `CheckpointManager.reached_preemption`: it relies on JAX's preemption
@@ -239,7 +239,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     report.compiling()
     clock, clock_step = time.perf_counter(), start
     step = start
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         while step < end:
             state, m = trainer.step(state, global_batch(next(data_iter)))
