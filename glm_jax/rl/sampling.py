@@ -35,6 +35,7 @@ class ScoredRound:
     rollout: Any  # glm_jax.rl.rollout.Rollout
     prompts: list[Prompt]  # [P]
     results: list[RewardResult]  # [P * G]
+    rollout_seconds: float  # wall time of the rollout call (host work included)
     reward_seconds: float
 
     @property
@@ -101,7 +102,7 @@ def collect(run_round: RunRound, *, prompts: int, over_sampling_prompts: int,
         rounds.append(scored)
         stats.rounds += 1
         stats.prompts_sampled += ask
-        stats.rollout_seconds += float(scored.rollout.seconds)
+        stats.rollout_seconds += scored.rollout_seconds
         stats.reward_seconds += scored.reward_seconds
         stats.generated_tokens += int(scored.rollout.generated_tokens)
         rewards = scored.rewards

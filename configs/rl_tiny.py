@@ -1,0 +1,55 @@
+"""RL of the SFT demo model (configs/sft_tiny.py) on the embedded verifiable tasks:
+`python -m glm_jax.rl [--config.init_from=runs/sft_tiny] [--workdir runs/rl_tiny]`.
+A few minutes on a 2-core CPU. Every field is a flag (`--help` lists them)."""
+
+import ml_collections
+
+from configs import tiny
+from configs.training import add_training_sections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = tiny.get_config().model  # replaced by init_from's model
+    # steps are RL steps; batch_size = rl.prompts_per_step x rl.samples_per_prompt rows of
+    # seq_len tokens (prompt + completion, right-padded).
+    add_training_sections(config, steps=40, batch_size=64, seq_len=96, learning_rate=1e-4,
+                          warmup_steps=2, checkpoint_every=10, log_every=1, eval_every=0)
+    config.init_from = "runs/sft_tiny"  # `python -m glm_jax.sft`'s default workdir
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.schedule = "constant"
+    config.train.bias_update_rate = 0.0  # keep the SFT model's routing balance fixed
+    config.rl = ml_collections.ConfigDict(dict(
+        # Prompts: curriculum levels of glm_jax.rl.levels, easiest first.
+        levels="add1,add2,add,sub,mul,word",
+        mode="non_thinking",  # "thinking" (reason in <think> first) or "non_thinking"
+        tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
+        seed=0,  # prompts and sampling: a pure function of (seed, step, round)
+        # Rollout.
+        prompts_per_step=8,  # groups per batch (slime: rollout_batch_size)
+        samples_per_prompt=8,  # G (slime: n_samples_per_prompt)
+        max_new_tokens=40,
+        speculative="none",  # or "mtp"
+        # Dynamic sampling: refill rounds of over_sampling_prompts prompts while the batch
+        # lacks groups with signal, at most max_extra_prompts extra prompts per step.
+        over_sampling_prompts=8,
+        max_extra_prompts=16,
+        reward="exact_answer",  # or "unit_tests" (glm_jax.rl.rewards.BUILTIN_REWARDS)
+        # Objective.
+        normalize_std=True,  # GRPO's std-normalized advantages (False: Dr. GRPO)
+        loss_agg="token",  # "token" (DAPO) or "sequence" (GRPO)
+        updates_per_rollout=1,  # optimizer steps per RL step (the batch in equal parts)
+        recompute_logprobs=True,  # old_logprobs from the trainer (else the rollout's)
+        routing_replay=True,  # the trainer reuses the rollout's expert choices
+        tis_cap=2.0,  # truncated importance sampling cap C; 0 = off
+        kl_coef=0.0,  # KL to a reference policy: off (no reference model is kept)
+        eps_low=0.2, eps_high=0.28,  # initial clip range (DAPO's clip-higher)
+        # Adaptive clipping (glm_jax.rl.objective.AdaptiveClip).
+        clip_band_low=0.001, clip_band_high=0.02, clip_factor=1.05, eps_min=0.05, eps_max=0.5,
+        # Curriculum (glm_jax.rl.curriculum): advance at this pass rate over the window.
+        curriculum_threshold=0.8, curriculum_window=4, curriculum_min_attempts=64,
+        # Sampling temperature (glm_jax.rl.temperature.PlateauTemperature).
+        temperature=1.0, max_temperature=1.3, temperature_step=0.05, temperature_patience=5,
+        temperature_min_delta=0.01,
+    ))
+    return config

@@ -1,0 +1,69 @@
+"""rl_curves.png: the RL run's curves from metrics.jsonl (the whole run across resumes,
+resume points marked): reward, pass rate per curriculum level, response length, clipped
+fractions with the clip range, entropy, and the sampling temperature."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from glm_jax.train.metrics import read_metrics
+
+
+def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
+    """Writes WORKDIR/rl_curves.png (a temporary file, then renamed); returns its path, or
+    None before the first step."""
+    records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "reward" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        return ([p[0] for p in pts], [p[1] for p in pts])
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    (reward, passes, length), (clip, entropy, temp) = axes
+    reward.plot(*series("reward"), label="mean reward (all samples)")
+    reward.set_title("reward")
+    for name in level_names:
+        xs, ys = series(f"pass_rate/{name}")
+        if xs:
+            passes.plot(xs, ys, "o-", ms=3, label=name)
+    passes.set_title("pass rate per level (the level trained on)")
+    passes.set_ylim(-0.02, 1.02)
+    length.plot(*series("response_length"), label="mean")
+    length.plot(*series("response_length_max"), label="max", alpha=0.6)
+    length.set_title("response length (tokens)")
+    clip.plot(*series("clip_frac_low"), label="clipped, A<0 (low)")
+    clip.plot(*series("clip_frac_high"), label="clipped, A>0 (high)")
+    twin = clip.twinx()
+    twin.plot(*series("eps_low"), "--", color="gray", label="eps_low")
+    twin.plot(*series("eps_high"), ":", color="gray", label="eps_high")
+    twin.set_ylabel("clip range eps")
+    twin.legend(loc="upper right", fontsize="small")
+    clip.set_title("clip fraction")
+    entropy.plot(*series("entropy"))
+    entropy.set_title("policy entropy on trained tokens (nats)")
+    temp.plot(*series("temperature"))
+    temp.set_title("sampling temperature")
+    resumes = [r["step"] - 1 for r in records if r.get("run_start") and r["step"] > 1]
+    for ax in axes.flat:
+        for i, s in enumerate(resumes):
+            ax.axvline(s, color="gray", ls="--", lw=1, label="resumed" if i == 0 else None)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="upper left")
+    fig.suptitle(f"{os.path.basename(os.path.normpath(workdir))}: RL (step {steps[-1]})")
+    fig.tight_layout()
+    path = os.path.join(workdir, "rl_curves.png")
+    fig.savefig(path + ".tmp.png", dpi=90)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return path
