@@ -189,9 +189,15 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     config's built-in reward; `rollout_fn` the rollout engine (glm_jax.rl.rollout.rollout's
     signature). Returns {"step", "stopped_by", "records": the metrics of the steps run now,
     "state"}. Raises ConfigError (and the other UserErrors) before anything compiles."""
+    level_names = check(cfg)
+    if (cfg.init_from and run_config.latest_checkpoint(workdir) is None
+            and not os.path.exists(cfg.init_from)):
+        raise ConfigError(f"config.init_from={cfg.init_from}: no such folder; train the SFT "
+                          "demo first (python -m glm_jax.sft writes runs/sft_tiny), or pass "
+                          "--config.init_from=WORKDIR (--config.init_from= starts from random "
+                          "weights)")
     cfg, resume_step = run_config.resolve(cfg, workdir, overrides)
     loop.validate(cfg)
-    level_names = check(cfg)
     r, t = cfg.rl, cfg.train
     if resume_step is not None and resume_step >= t.steps:
         print(f"{workdir} is already trained to RL step {resume_step} (config.train.steps="
