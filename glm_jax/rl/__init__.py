@@ -1,5 +1,4 @@
-"""Reinforcement learning on verifiable rewards, slime-style (the pieces that do not depend on
-the rollout engine or the trainer):
+"""Reinforcement learning on verifiable rewards, slime-style:
 
   sandbox.py      model-written Python run against unit tests in a limited subprocess
   rewards.py      reward(example, completion) -> RewardResult: exact final answer, unit tests
@@ -8,4 +7,9 @@ the rollout engine or the trainer):
   policy_loss.py  that objective as a training-core loss: make_trainer(..., PolicyGradientLoss())
   curriculum.py   difficulty levels that advance on pass rate
   temperature.py  sampling temperature that rises when the reward plateaus
+  levels.py       the curriculum's levels of the embedded tasks, rendered as chat prompts
+  sampling.py     one step's rollout rounds with dynamic-sampling refill -> the trainer batch
+  loop.py         the run: rollout -> reward -> batch -> updates -> weight hand-off, with
+                  checkpoints, metrics and exact resume (`python -m glm_jax.rl`)
+  progress.py, plots.py  the progress bar and rl_curves.png
 """
