@@ -208,6 +208,14 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: smaller than the "
                           f"chat tokenizer's {tokenizer.vocab_size} ids")
+    longest = max(len(p.ids) for name in level_names for p in levels_mod.draw_prompts(
+        name, 64, seed=r.seed, step=-1, round_=0, thinking=r.mode == "thinking",
+        tokenizer=tokenizer))
+    if longest + r.max_new_tokens > t.seq_len:
+        raise ConfigError(f"config.train.seq_len={t.seq_len}: the levels' prompts reach "
+                          f"{longest} tokens, + rl.max_new_tokens={r.max_new_tokens}; set "
+                          f"--config.train.seq_len={longest + r.max_new_tokens + 16} or "
+                          "fewer levels")
     if reward_fn is None:
         reward_fn = rewards_mod.BUILTIN_REWARDS[r.reward]
     if rollout_fn is None:
