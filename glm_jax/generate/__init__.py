@@ -225,6 +225,21 @@ def _as_batch(input_ids, pad_id: int, attention_mask=None, known_pad: int | None
     return batch, lengths
 
 
+def _under_model_mesh(fn: Callable) -> Callable:
+    """Runs `fn(model, ...)` under the mesh the model was placed on (`GlmForCausalLM(...,
+    mesh=)` or `sharding.rules.shard_model`), as the trainer runs its step: an
+    expert-parallel model then decodes without its caller entering the mesh."""
+    @functools.wraps(fn)
+    def under_mesh(model, *args, **kwargs):
+        mesh = getattr(model, "mesh", None)
+        if mesh is None:
+            return fn(model, *args, **kwargs)
+        with jax.set_mesh(mesh):
+            return fn(model, *args, **kwargs)
+    return under_mesh
+
+
+@_under_model_mesh
 def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
              eos_ids: Sequence[int] = (), seed: int = 0, speculative: str = "none",
