@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.bias_update_rate = 0.0  # keep the SFT model's routing balance fixed
     config.rl = ml_collections.ConfigDict(dict(
         # Prompts: curriculum levels of glm_jax.rl.levels, easiest first.
-        levels="add1,add2,add,sub,mul",  # + "word" needs train.seq_len ~ 200
+        # A task of the SFT set with an optional operand digit cap (add1: one-digit addition);
+        # "word" prompts need train.seq_len ~ 200.
+        levels="add1,add2,sub2,mul1,add,sub,mul",
         mode="non_thinking",  # "thinking" (reason in <think> first) or "non_thinking"
         tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
         seed=0,  # prompts and sampling: a pure function of (seed, step, round)

@@ -2,10 +2,10 @@
 their rendering into GLM-4.5 chat prompts.
 
 Levels, easiest first (the curriculum starts at the first one named in config.rl.levels):
-  add1  one-digit + one-digit (answers 0-18): the level the SFT demo model can reach
-  add2  two-digit + two-digit
-  add   the SFT set's addition (2-4 digits), sub, mul, word: the SFT set's own tasks
-The calculator `tool` task is not a level: its episodes need a tool round between two
+a level is a task of the SFT set (add, sub, mul, word) with an optional cap on its operands'
+digits (glm_jax.sft.tasks.make_problem's max_digits): `add1` is one-digit addition (the
+level the SFT demo model can reach), `add2` two-digit, `add` the SFT set's own range. The
+calculator `tool` task is not a level: its episodes need a tool round between two
 generations, and this rollout is one generation per prompt.
 
 Prompts are a pure function of (seed, level, step, round): a resumed run draws exactly the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from glm_jax.chat.render import ASSISTANT, STOP_TOKENS, render
@@ -24,33 +25,27 @@ from glm_jax.chat.tokens import ChatTokenizer
 from glm_jax.sft import tasks
 
 
-def _sum_problem(rng: random.Random, digits: int) -> dict[str, Any]:
-    """a + b with `digits`-digit operands (one digit: 0-9), traced as the SFT set traces
-    addition, so the level continues what SFT taught."""
-    lo = 0 if digits == 1 else 10 ** (digits - 1)
-    a, b = rng.randint(lo, 10 ** digits - 1), rng.randint(lo, 10 ** digits - 1)
-    return {"task": "add", "question": f"What is {a} + {b}?",
-            "trace": tasks.addition_trace(a, b), "answer": a + b}
+LEVEL_TASKS = ("add", "sub", "mul", "word")
+_LEVEL = re.compile(r"(add|sub|mul|word)([1-9]\d*)?")
 
 
-def _sft_task(name: str) -> Callable[[random.Random], dict[str, Any]]:
-    return lambda rng: tasks.make_problem(rng, name)
-
-
-LEVELS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
-    "add1": lambda rng: _sum_problem(rng, 1),
-    "add2": lambda rng: _sum_problem(rng, 2),
-    **{name: _sft_task(name) for name in ("add", "sub", "mul", "word")},
-}
+def make_level_problem(rng: random.Random, level: str) -> dict[str, Any]:
+    """One problem of `level` ("add1": add with one-digit operands; "add": add's own range)."""
+    m = _LEVEL.fullmatch(level)
+    if m is None:
+        raise ValueError(f"level {level!r}: a task of {LEVEL_TASKS} with an optional digit "
+                         "cap, e.g. add1")
+    return tasks.make_problem(rng, m.group(1), int(m.group(2)) if m.group(2) else None)
 
 
 def parse_levels(spec: str) -> tuple[str, ...]:
     """config.rl.levels ("add1,add2,add") -> names. Raises ValueError naming an unknown one."""
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    unknown = [n for n in names if n not in LEVELS]
+    unknown = [n for n in names if not _LEVEL.fullmatch(n)]
     if unknown or not names:
-        raise ValueError(f"config.rl.levels={spec!r}: unknown level(s) {unknown}; choose from "
-                         f"{','.join(LEVELS)} (easiest first)")
+        raise ValueError(f"config.rl.levels={spec!r}: unknown level(s) {unknown}; a level is "
+                         f"a task of {','.join(LEVEL_TASKS)} with an optional digit cap "
+                         "(add1 = one-digit addition), easiest first")
     return names
 
 
@@ -72,7 +67,7 @@ def draw_prompts(level: str, count: int, *, seed: int, step: int, round_: int,
     rng = random.Random(f"glm-jax-rl/{seed}/{level}/{step}/{round_}")
     out = []
     for i in range(count):
-        record = tasks.to_record(LEVELS[level](rng), thinking, i)
+        record = tasks.to_record(make_level_problem(rng, level), thinking, i)
         record["level"] = level
         text = render(tasks.prompt_messages(record), add_generation_prompt=True,
                       enable_thinking=thinking).text
