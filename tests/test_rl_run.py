@@ -77,7 +77,7 @@ def test_refill_fills_the_batch_and_counts_what_it_filtered():
     # GRPO advantages of the group [1, 0, 0, 1]: +-1 / std (ddof=1) = +-0.866.
     np.testing.assert_allclose(batch["advantages"][:4], [0.866, -0.866, -0.866, 0.866],
                                atol=1e-3)
-    np.testing.assert_array_equal(batch["temperature"], 1.1)
+    np.testing.assert_array_equal(batch["temperature"], np.float32(1.1))
     np.testing.assert_array_equal(batch["eps_high"], np.float32(0.3))
     np.testing.assert_array_equal(batch["rollout_logprobs"][:, 9:], 0.0)
 
