@@ -40,10 +40,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
     aligned with `tokens`; position 0 (nothing predicts it) holds 0.
     logits: [B, T, V], position t predicting token t + 1 (the model's output).
     temperature: [B] (optional): p = softmax(logits / temperature of the row), the
-    distribution a sampler at that temperature draws from."""
+    distribution a sampler at that temperature draws from (temperature 0, greedy: 1)."""
     logits = logits[:, :-1].astype(jnp.float32)
-    if temperature is not None:
-        logits = logits / temperature.astype(jnp.float32)[:, None, None]
+    if temperature is not None:  # a greedy row (temperature 0) is scored at temperature 1
+        temperature = temperature.astype(jnp.float32)
+        logits = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp) * logp).sum(axis=-1)
