@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
         eval_data="",  # JSONL held-out records with an "answer" (user data); "" = none
         tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
         tasks="add,sub,mul,word,tool",  # embedded: which tasks (glm_jax.sft.tasks.TASKS)
+        max_digits=0,  # embedded: digits per operand at most (0 = each task's range, 2-5)
         seed=0,  # embedded task set: which problems
         train_problems=2000,  # embedded: problems for training (each in both modes)
         eval_problems=50,  # embedded: held-out problems (each in both modes)

@@ -208,6 +208,24 @@ def test_packed_sft_loss_equals_per_conversation_losses(task_set):
 
 
 # ------------------------------------------------------------------ tasks and verifier
+def test_max_digits_caps_the_operands():
+    import random
+    import re
+    for cap in (1, 2, 3):
+        for task in ("add", "sub", "mul", "tool"):
+            for seed in range(20):
+                problem = tasks.make_problem(random.Random(seed), task, max_digits=cap)
+                numbers = re.findall(r"\d+", problem["question"])
+                assert len(numbers) == 2 and all(len(n) <= cap for n in numbers), problem
+    # One-digit additions: 100 questions at most, so asking for more is a clear error.
+    train, held_out = tasks.default_sft_set(0, 60, 20, ("add",), max_digits=1)
+    assert len(train) == 120 and len(held_out) == 40
+    with pytest.raises(ValueError, match="max_digits=1"):
+        tasks.default_sft_set(0, 200, 20, ("add",), max_digits=1)
+    with pytest.raises(ValueError, match="max_digits=0"):
+        tasks.make_problem(random.Random(0), "add", max_digits=0)
+
+
 def test_task_set_is_deterministic_split_and_renders(task_set):
     train, held_out = task_set
     assert (train, held_out) == tasks.default_sft_set(seed=3, train_problems=40,

@@ -249,3 +249,17 @@ def test_moe_refuses_a_mesh_it_was_not_built_for():
     assert placed.moe_layers.layers.mlp.mesh is ep
     with pytest.raises(ValueError, match="called under no mesh"):
         nnx.jit(lambda m, x: m(x).logits)(placed, ids)
+
+
+def test_generate_enters_the_models_mesh(reference):
+    """An expert-parallel model decodes without its caller entering the mesh (generate
+    enters the one the model was placed on), MTP speculation included, and gives the
+    single-device model's greedy tokens."""
+    from glm_jax import generate
+    model, ids, _, _ = reference
+    prompts = np.asarray(ids[:, :6])
+    sharded = rules.shard_model(nnx.clone(model), make_mesh(parse_mesh("fsdp=2,expert=4")))
+    want = generate(model, prompts, max_new_tokens=4).tokens
+    np.testing.assert_array_equal(generate(sharded, prompts, max_new_tokens=4).tokens, want)
+    np.testing.assert_array_equal(
+        generate(sharded, prompts, max_new_tokens=4, speculative="mtp").tokens, want)

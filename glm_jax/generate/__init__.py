@@ -301,6 +301,21 @@ class _RoutingRecord:
         return bool((self.done < real).any())
 
 
+def _under_model_mesh(fn: Callable) -> Callable:
+    """Runs `fn(model, ...)` under the mesh the model was placed on (`GlmForCausalLM(...,
+    mesh=)` or `sharding.rules.shard_model`), as the trainer runs its step: an
+    expert-parallel model then decodes without its caller entering the mesh."""
+    @functools.wraps(fn)
+    def under_mesh(model, *args, **kwargs):
+        mesh = getattr(model, "mesh", None)
+        if mesh is None:
+            return fn(model, *args, **kwargs)
+        with jax.set_mesh(mesh):
+            return fn(model, *args, **kwargs)
+    return under_mesh
+
+
+@_under_model_mesh
 def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
              temperature: float | Sequence[float] = 0.0, top_p: float = 1.0,
              top_k: int | None = None, eos_ids: Sequence[int] = (), seed: int = 0,

@@ -90,13 +90,14 @@ def load_conversations(paths: list[str], tokenizer: ChatTokenizer) -> Corpus:
 
 
 def embedded_corpus(tokenizer: ChatTokenizer, *, seed: int = 0, train_problems: int = 2000,
-                    eval_problems: int = 100, tasks: tuple[str, ...] | None = None
-                    ) -> tuple[Corpus, list[dict[str, Any]]]:
+                    eval_problems: int = 100, tasks: tuple[str, ...] | None = None,
+                    max_digits: int | None = None) -> tuple[Corpus, list[dict[str, Any]]]:
     """The embedded default task set (glm_jax.sft.tasks; `tasks` a subset of its TASKS,
-    default all): (training Corpus, held-out records)."""
+    default all; `max_digits` its difficulty cap): (training Corpus, held-out records)."""
     from glm_jax.sft.tasks import TASKS, default_sft_set
 
-    train, held_out = default_sft_set(seed, train_problems, eval_problems, tasks or TASKS)
+    train, held_out = default_sft_set(seed, train_problems, eval_problems, tasks or TASKS,
+                                      max_digits)
     corpus = conversation_corpus(((f"embedded record {r['id']}", r) for r in train), tokenizer,
                                  f"embedded task set (seed {seed})")
     return corpus, held_out

@@ -18,6 +18,7 @@ Records are `glm_jax.sft.data` conversations plus "answer", "task", "thinking" a
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -30,7 +31,12 @@ NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", 
 ITEMS = ("apples", "marbles", "stamps", "cards", "shells", "pencils", "coins", "stickers")
 
 
-def _number(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
+def _number(rng: random.Random, lo_digits: int, hi_digits: int,
+            max_digits: int | None = None) -> int:
+    """A random integer of lo_digits..hi_digits digits; `max_digits` caps both bounds (so a
+    cap of 1 gives one-digit numbers whatever the task's usual range)."""
+    if max_digits is not None:
+        lo_digits, hi_digits = min(lo_digits, max_digits), min(hi_digits, max_digits)
     digits = rng.randint(lo_digits, hi_digits)
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
@@ -110,25 +116,32 @@ def _word_problem(rng: random.Random) -> tuple[str, str, int]:
     return q, trace, g
 
 
-def make_problem(rng: random.Random, task: str) -> dict[str, Any]:
-    """One problem: {"task", "question", "trace", "answer"} (+ "expression" for tool)."""
+def make_problem(rng: random.Random, task: str, max_digits: int | None = None
+                 ) -> dict[str, Any]:
+    """One problem: {"task", "question", "trace", "answer"} (+ "expression" for tool).
+    max_digits: at most this many digits per operand of add / sub / mul / tool (None: each
+    task's own range, 2-5 digits); the difficulty knob of the SFT demo and the RL
+    curriculum. Word problems keep their small numbers."""
+    if max_digits is not None and max_digits < 1:
+        raise ValueError(f"max_digits={max_digits}: must be >= 1 (or None)")
+    number = functools.partial(_number, rng, max_digits=max_digits)
     if task == "add":
-        a, b = _number(rng, 2, 4), _number(rng, 2, 4)
+        a, b = number(2, 4), number(2, 4)
         return {"task": task, "question": f"What is {a} + {b}?",
                 "trace": addition_trace(a, b), "answer": a + b}
     if task == "sub":
-        a, b = sorted((_number(rng, 2, 4), _number(rng, 2, 4)), reverse=True)
+        a, b = sorted((number(2, 4), number(2, 4)), reverse=True)
         return {"task": task, "question": f"What is {a} - {b}?",
                 "trace": subtraction_trace(a, b), "answer": a - b}
     if task == "mul":
-        a, b = _number(rng, 2, 3), _number(rng, 1, 2)
+        a, b = number(2, 3), number(1, 2)
         return {"task": task, "question": f"What is {a} * {b}?",
                 "trace": multiplication_trace(a, b), "answer": a * b}
     if task == "word":
         q, trace, answer = _word_problem(rng)
         return {"task": task, "question": q, "trace": trace, "answer": answer}
     if task == "tool":
-        a, b = _number(rng, 3, 5), _number(rng, 2, 4)
+        a, b = number(3, 5), number(2, 4)
         return {"task": task, "question": f"Use the calculator: what is {a} * {b}?",
                 "expression": f"{a} * {b}", "answer": a * b,
                 "trace": f"{a} * {b} is a large product; the calculator computes it exactly."}
@@ -164,9 +177,12 @@ def to_record(problem: dict[str, Any], thinking: bool, record_id: int) -> dict[s
 
 
 def default_sft_set(seed: int = 0, train_problems: int = 2000, eval_problems: int = 100,
-                    tasks: tuple[str, ...] = TASKS) -> tuple[list[dict], list[dict]]:
+                    tasks: tuple[str, ...] = TASKS, max_digits: int | None = None
+                    ) -> tuple[list[dict], list[dict]]:
     """(train records, held-out records): each problem in both modes (2 records), tasks in
-    turn, no question in both splits. Deterministic in `seed`."""
+    turn, no question in both splits. Deterministic in `seed`. max_digits: make_problem's
+    difficulty cap. Raises ValueError when the tasks at that cap have fewer distinct
+    questions than asked for."""
     rng = random.Random(seed)
     seen: set[str] = set()
     problems = []
@@ -175,8 +191,8 @@ def default_sft_set(seed: int = 0, train_problems: int = 2000, eval_problems: in
         attempts += 1
         if attempts > 20 * (train_problems + eval_problems) + 1000:
             raise ValueError(f"cannot draw {train_problems + eval_problems} distinct problems "
-                             f"of tasks {tasks}")
-        problem = make_problem(rng, tasks[len(problems) % len(tasks)])
+                             f"of tasks {tasks} with max_digits={max_digits}")
+        problem = make_problem(rng, tasks[len(problems) % len(tasks)], max_digits)
         if problem["question"] not in seen:
             seen.add(problem["question"])
             problems.append(problem)

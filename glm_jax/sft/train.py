@@ -38,6 +38,9 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     if unknown or not s.tasks:
         raise ValueError(f"config.sft.tasks={s.tasks!r}: unknown task(s) {unknown}; choose "
                          f"from {','.join(TASKS)}")
+    if s.get("max_digits", 0) < 0:
+        raise ValueError(f"config.sft.max_digits={s.max_digits!r}: must be >= 0 (0 = each "
+                         "task's own range)")
     if s.tokenizer and not os.path.isfile(s.tokenizer):
         raise ValueError(f"config.sft.tokenizer={s.tokenizer!r}: no such file (a hub "
                          "tokenizer.json, or '' for the byte-level default)")
@@ -72,7 +75,8 @@ def load_data(cfg: ml_collections.ConfigDict, tokenizer: ChatTokenizer
         corpus, held_out = embedded_corpus(tokenizer, seed=s.seed,
                                            train_problems=s.train_problems,
                                            eval_problems=s.eval_problems,
-                                           tasks=tuple(s.tasks.split(",")))
+                                           tasks=tuple(s.tasks.split(",")),
+                                           max_digits=s.get("max_digits", 0) or None)
         if s.eval_data:
             held_out = held_out_records([p for p in s.eval_data.split(",") if p])
     return corpus, held_out
