@@ -1,5 +1,7 @@
 """GLM-4.5-Air (106B total, 12B active), as zai-org/GLM-4.5-Air's config.json: GLM-4.5's
-architecture with these differences (reference table in docs: glm45-architecture §1)."""
+architecture (configs/glm4_5.py) with the fields below changed: narrower, 46 layers
+instead of 92 (one dense instead of three), 128 routed experts instead of 160, routed
+scaling 1.0 instead of 2.5, and no QK norm."""
 
 import ml_collections
 

@@ -51,6 +51,15 @@ class GenerateOutput:
     decode_seconds: float
     step_seconds: np.ndarray  # [steps] wall clock of each decode step (the first compiles)
     step_tokens: np.ndarray  # [steps] tokens kept by each step, all rows
+    # [B, max_new_tokens] float32, aligned with `tokens`: log p(token | everything before)
+    # under softmax(logits / T) of the row's temperature T (T = 1 for a greedy row), before
+    # any top-k / top-p filter; 0 past lengths[b].
+    logprobs: np.ndarray | None = None
+    # With record_routing: [B, P + max_new_tokens, num_moe_layers, k] int32, P the longest
+    # prompt: the experts each main-model MoE layer chose for every token of row b, its
+    # prompt at 0..len_b-1 (the prefill's choice) and its generated tokens from len_b on
+    # (the choice of the step that fed the token in); past a row's tokens: 0, 1, .., k-1.
+    routed_experts: np.ndarray | None = None
 
     def decode_tokens_per_second(self, skip: int = 1) -> float:
         """Tokens kept per second of decoding, leaving out the first `skip` steps (the
@@ -68,7 +77,7 @@ class GenerateOutput:
 
 @dataclasses.dataclass(frozen=True)
 class _Sampling:
-    temperature: float
+    greedy: bool  # every row at temperature 0: argmax only, no random draw
     top_k: int | None
     top_p: float
 
@@ -95,8 +104,27 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, key: jax.Array, s: _Sampling) -> jax.Array:
-    return sample(logits, key, s.temperature, s.top_k, s.top_p)
+def _scaled(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """logits [B, ..., V] / each row's temperature [B] in float32 (1 for greedy rows)."""
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    return logits.astype(jnp.float32) / t.reshape(t.shape + (1,) * (logits.ndim - 1))
+
+
+def _draw(logits: jax.Array, key: jax.Array, s: _Sampling, temperature: jax.Array
+          ) -> tuple[jax.Array, jax.Array]:
+    """Tokens [B, ...] from logits [B, ..., V] at each row's temperature [B] (argmax where it
+    is 0), and their log-probabilities [B, ...] float32 under softmax(logits / T), before
+    top-k / top-p (the distribution the trainer recomputes)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = _scaled(logits, temperature)
+    if s.greedy:
+        token = greedy
+    else:  # the row's scaled logits at temperature 1: the same values `sample` divides to
+        drawn = sample(scaled, key, 1.0, s.top_k, s.top_p)
+        row_greedy = (temperature == 0).reshape(temperature.shape + (1,) * (logits.ndim - 2))
+        token = jnp.where(row_greedy, greedy, drawn)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    return token, jnp.take_along_axis(logp, token[..., None], axis=-1)[..., 0]
 
 
 def _at(x: jax.Array, i: jax.Array) -> jax.Array:
@@ -109,11 +137,11 @@ def _slots(index: jax.Array, ids: jax.Array) -> jax.Array:
     return index[:, None] + jnp.arange(ids.shape[1], dtype=index.dtype)[None, :]
 
 
-def _forward(model: GlmForCausalLM, ids: jax.Array, cache: KVCache, index: jax.Array
-             ) -> tuple[jax.Array, jax.Array, KVCache]:
-    """The model on `ids` [B, T] at slots index[b].. -> (logits, hidden states, cache)."""
+def _forward(model: GlmForCausalLM, ids: jax.Array, cache: KVCache, index: jax.Array):
+    """The model on `ids` [B, T] at slots index[b].. -> (logits, hidden states, expert ids
+    [B, T, num_moe_layers, k], cache)."""
     out = model(ids, positions=_slots(index, ids), cache=cache)
-    return out.logits, out.hidden_states, out.cache
+    return out.logits, out.hidden_states, out.routed_experts, out.cache
 
 
 def _placement(state) -> jax.sharding.Sharding:
@@ -133,18 +161,19 @@ def _pin(tree, placement):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "draft", "placement"),
                    donate_argnames=("cache",))
-def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling: _Sampling,
-             draft: bool, placement):
+def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, temperature, *,
+             sampling: _Sampling, draft: bool, placement):
     """The whole right-padded prompt at slots 0..T-1. Returns (first generated token [B],
-    MTP draft of the token after it [B] (or zeros), cache)."""
+    its log-probability [B], MTP draft of the token after it [B] (or zeros), the prompt's
+    expert ids [B, T, L, k], cache)."""
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)
-    logits, hidden, cache = _forward(model, prompt, cache, zeros)
+    logits, hidden, routing, cache = _forward(model, prompt, cache, zeros)
     last = lengths - 1
-    token = _draw(_at(logits, last), key, sampling)
+    token, logp = _draw(_at(logits, last), key, sampling, temperature)
     if not draft:
-        return _pin((token, zeros, cache), placement)
+        return _pin((token, logp, zeros, routing, cache), placement)
     # MTP position i reads token i + 1: the prompt shifted left, with the new token at the
     # last prompt position. Slots past a row's length get junk that the mask hides.
     next_ids = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
@@ -152,38 +181,43 @@ def _prefill(graphdef, state, prompt, lengths, cache: KVCache, key, *, sampling:
     mtp_logits, cache = model.mtp_draft(next_ids, hidden, positions=_slots(zeros, next_ids),
                                         cache=cache)
     draft_ids = jnp.argmax(_at(mtp_logits, last), axis=-1).astype(jnp.int32)
-    return _pin((token, draft_ids, cache), placement)
+    return _pin((token, logp, draft_ids, routing, cache), placement)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "placement"),
                    donate_argnames=("cache",))
-def _decode_step(graphdef, state, token, index, cache: KVCache, key, *, sampling: _Sampling,
-                 placement):
-    """Plain decoding: token [B] at slot index[b] -> (next token [B], cache)."""
+def _decode_step(graphdef, state, token, index, cache: KVCache, key, temperature, *,
+                 sampling: _Sampling, placement):
+    """Plain decoding: token [B] at slot index[b] -> (next token [B], its log-probability
+    [B], the fed token's expert ids [B, L, k], cache)."""
     model = nnx.merge(graphdef, state)
-    logits, _, cache = _forward(model, token[:, None], cache, index)
-    return _pin((_draw(logits[:, 0], key, sampling), cache), placement)
+    logits, _, routing, cache = _forward(model, token[:, None], cache, index)
+    token, logp = _draw(logits[:, 0], key, sampling, temperature)
+    return _pin((token, logp, routing[:, 0], cache), placement)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "placement"),
                    donate_argnames=("cache",))
-def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key, *,
-                      sampling: _Sampling, placement):
+def _speculative_step(graphdef, state, token, draft, index, cache: KVCache, key, temperature,
+                      *, sampling: _Sampling, placement):
     """Verify [token, draft] at slots index, index+1 and draft again.
-    Returns (x0, x1, accepted, new draft, cache): x0 is the model's token for index+1; when
-    accepted (x0 == draft), x1 is its token for index+2."""
+    Returns (chosen [B, 2], their log-probabilities [B, 2], accepted [B], new draft [B],
+    expert ids of [token, draft] [B, 2, L, k], cache): chosen[:, 0] = x0 is the model's
+    token for index+1; when accepted (x0 == draft), chosen[:, 1] = x1 is its token for
+    index+2, drawn from the logits at the draft's position (then the draft is x0)."""
     model = nnx.merge(graphdef, state)
-    logits, hidden, cache = _forward(model, jnp.stack([token, draft], axis=1), cache, index)
-    chosen = _draw(logits, key, sampling)  # [B, 2]
-    x0, x1 = chosen[:, 0], chosen[:, 1]
-    accepted = x0 == draft
+    logits, hidden, routing, cache = _forward(model, jnp.stack([token, draft], axis=1), cache,
+                                              index)
+    chosen, logp = _draw(logits, key, sampling, temperature)  # [B, 2] each
+    accepted = chosen[:, 0] == draft
     # MTP at slot index reads (hidden at index, x0): right in both cases. At index+1 it reads
     # (hidden at index+1, x1), valid only when the draft was accepted; otherwise that slot is
     # rewritten by the next step before anything attends to it.
     mtp_logits, cache = model.mtp_draft(chosen, hidden, positions=_slots(index, chosen),
                                         cache=cache)
     new_draft = jnp.argmax(_at(mtp_logits, accepted.astype(jnp.int32)), axis=-1)
-    return _pin((x0, x1, accepted, new_draft.astype(jnp.int32), cache), placement)
+    return _pin((chosen, logp, accepted, new_draft.astype(jnp.int32), routing, cache),
+                placement)
 
 
 def _as_batch(input_ids, pad_id: int, attention_mask=None, known_pad: int | None = None
@@ -225,6 +259,48 @@ def _as_batch(input_ids, pad_id: int, attention_mask=None, known_pad: int | None
     return batch, lengths
 
 
+def _temperatures(temperature, b: int) -> np.ndarray:
+    """One temperature, or one per row -> [B] float32; ValueError if negative or misshaped."""
+    temps = np.asarray(temperature, np.float32)
+    if temps.ndim == 0:
+        temps = np.full(b, temps, np.float32)
+    if temps.shape != (b,) or not np.isfinite(temps).all() or (temps < 0).any():
+        raise ValueError(f"temperature={temperature!r}: must be one number >= 0 or one per "
+                         f"prompt ({b} numbers >= 0)")
+    return temps
+
+
+class _RoutingRecord:
+    """The expert ids of every real token of every row, filled as tokens are fed to the
+    model: the prompt by the prefill, a generated token by the step that takes it as input
+    (the step after it was drawn; a final step feeds the last ones)."""
+
+    def __init__(self, b: int, width: int, layers: int, k: int, lengths: np.ndarray):
+        # Past a row's tokens: k distinct ids, a harmless replay for padding positions.
+        self.ids = np.broadcast_to(np.arange(k, dtype=np.int32), (b, width, layers, k)).copy()
+        self.done = lengths.copy()  # slots recorded so far: [0, done[b])
+
+    def prefill(self, routing: np.ndarray, lengths: np.ndarray) -> None:
+        for r, n in enumerate(lengths):
+            self.ids[r, :n] = routing[r, :n]
+
+    def step(self, routing: np.ndarray, index: np.ndarray, real: np.ndarray,
+             fed: np.ndarray) -> None:
+        """routing [B, S, L, k] of the S tokens fed at slots index[b].. of this step; the
+        token at slot s is recorded when it is the next unrecorded one of its row, is a real
+        token (s < real[b]: the row's prompt + generated length after the step) and, for
+        s > index[b] (a draft), was kept (fed[b, s - index[b]])."""
+        for r in range(routing.shape[0]):
+            for p in range(routing.shape[1]):
+                slot = index[r] + p
+                if slot == self.done[r] and slot < real[r] and fed[r, p]:
+                    self.ids[r, slot] = routing[r, p]
+                    self.done[r] += 1
+
+    def missing(self, real: np.ndarray) -> bool:
+        return bool((self.done < real).any())
+
+
 def _under_model_mesh(fn: Callable) -> Callable:
     """Runs `fn(model, ...)` under the mesh the model was placed on (`GlmForCausalLM(...,
     mesh=)` or `sharding.rules.shard_model`), as the trainer runs its step: an
@@ -241,18 +317,23 @@ def _under_model_mesh(fn: Callable) -> Callable:
 
 @_under_model_mesh
 def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
-             eos_ids: Sequence[int] = (), seed: int = 0, speculative: str = "none",
-             pad_id: int | None = None, attention_mask=None,
+             temperature: float | Sequence[float] = 0.0, top_p: float = 1.0,
+             top_k: int | None = None, eos_ids: Sequence[int] = (), seed: int = 0,
+             speculative: str = "none", pad_id: int | None = None, attention_mask=None,
+             record_routing: bool = False,
              on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
     """Continue every prompt by up to `max_new_tokens` tokens; a row stops at any of
     `eos_ids` (the EOS is kept in its output). input_ids: [B, T] or a list of token lists of
     different lengths. attention_mask: [B, T] of 1 (token) / 0 (padding) for a padded
     input_ids, as from a tokenizer; without it every entry of a [B, T] array is a prompt
-    token (a warning says so when it holds the pad id). speculative: "none", or "mtp"
+    token (a warning says so when it holds the pad id). temperature: one for all rows or
+    one per row ([B]); 0 = greedy. speculative: "none", or "mtp"
     (needs num_nextn_predict_layers >= 1). pad_id: the padding id (default: the config's
     pad token); it also fills the output past each row's length (0 if neither is set).
-    on_tokens, if given, is called after every step with each row's new tokens."""
+    record_routing: also return every token's main-model expert choices
+    (GenerateOutput.routed_experts; costs one more decode step to feed the last tokens).
+    on_tokens, if given, is called after every step with each row's new tokens.
+    Every kept token's log-probability comes with it (GenerateOutput.logprobs)."""
     cfg = model.config
     if speculative not in ("none", "mtp"):
         raise ValueError(f"speculative={speculative!r}: must be 'none' or 'mtp'")
@@ -261,10 +342,9 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
                          "num_nextn_predict_layers=0")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and not
-                                                  0 < top_k <= cfg.vocab_size):
-        raise ValueError(f"temperature={temperature}, top_p={top_p}, top_k={top_k}: need "
-                         f"temperature >= 0, 0 < top_p <= 1, 0 < top_k <= vocab_size")
+    if not 0 < top_p <= 1 or (top_k is not None and not 0 < top_k <= cfg.vocab_size):
+        raise ValueError(f"top_p={top_p}, top_k={top_k}: need 0 < top_p <= 1, "
+                         f"0 < top_k <= vocab_size")
     known_pad = pad_id if pad_id is not None else cfg.pad_token_id
     pad_id = known_pad if known_pad is not None else 0
     prompt, lengths = _as_batch(input_ids, pad_id, attention_mask, known_pad)
@@ -272,28 +352,36 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
         raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
     mtp = speculative == "mtp"
     b, t = prompt.shape
+    temps = _temperatures(temperature, b)
     # A row still generating has count < max_new_tokens tokens and its newest one at slot
     # len + count - 1, so a step writes at most slot len + max_new_tokens - 1 (the draft's
     # slot, with MTP). Finished rows are still fed (the batch moves together); their writes
     # may clamp at the end of the cache, which only ever touches their own finished row.
+    # The routing record's final step feeds a row's last token at slot len + max_new - 1
+    # with its draft one further: one more slot keeps that write from clamping onto it.
     graphdef, state = nnx.split(model)
     placement = _placement(state)
     put = functools.partial(jax.device_put, device=placement)
-    cache = put(init_cache(model, b, t + max_new_tokens, with_mtp=mtp))
-    sampling = _Sampling(float(temperature), top_k, float(top_p))
+    cache = put(init_cache(model, b, t + max_new_tokens + int(mtp and record_routing),
+                           with_mtp=mtp))
+    sampling = _Sampling(bool((temps == 0).all()), top_k, float(top_p))
     key = put(jax.random.key(seed))
+    temps_dev = put(temps)
     eos = np.array(sorted(set(int(e) for e in eos_ids)), np.int32)
 
     out = np.full((b, max_new_tokens), pad_id, np.int32)
+    out_logp = np.zeros((b, max_new_tokens), np.float32)
     count = np.zeros(b, np.int32)
     done = np.zeros(b, bool)
+    record = (_RoutingRecord(b, t + max_new_tokens, cfg.num_moe_layers,
+                             cfg.num_experts_per_tok, lengths) if record_routing else None)
 
-    def emit(rows: list[list[int]]) -> int:
+    def emit(rows: list[list[tuple[int, float]]]) -> int:
         fresh = []
         for r, toks in enumerate(rows):
             new = []
-            for tok in toks if not done[r] else ():
-                out[r, count[r]] = tok
+            for tok, logp in toks if not done[r] else ():
+                out[r, count[r]], out_logp[r, count[r]] = tok, logp
                 count[r] += 1
                 new.append(tok)
                 if tok in eos or count[r] >= max_new_tokens:
@@ -305,41 +393,54 @@ def generate(model: GlmForCausalLM, input_ids, *, max_new_tokens: int,
         return sum(map(len, fresh))
 
     start = time.perf_counter()
-    token, draft, cache = _prefill(graphdef, state, put(prompt), put(lengths), cache,
-                                   put(jax.random.fold_in(key, 0)), sampling=sampling, draft=mtp,
-                                   placement=placement)
-    token_np = np.asarray(token)
-    emit([[int(x)] for x in token_np])
+    token, logp, draft, routing, cache = _prefill(
+        graphdef, state, put(prompt), put(lengths), cache, put(jax.random.fold_in(key, 0)),
+        temps_dev, sampling=sampling, draft=mtp, placement=placement)
+    token_np, logp_np = np.asarray(token), np.asarray(logp)
+    emit([[(int(x), float(lp))] for x, lp in zip(token_np, logp_np)])
+    if record is not None:
+        record.prefill(np.asarray(routing), lengths)
     prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     index = lengths.copy()  # the slot of each row's newest token (not yet in the cache)
     steps = drafted = accepted = 0
     step_seconds, step_tokens = [], []
-    while not done.all():
+    # The loop runs while a row generates; with a routing record, once more to feed the
+    # rows' last tokens (that step's draws are dropped: every row is done).
+    while not done.all() or (record is not None and record.missing(lengths + count)):
         clock = time.perf_counter()
         steps += 1
         active = ~done
         step_key = put(jax.random.fold_in(key, steps))
+        step_index = index
         if mtp:
-            x0, x1, acc, draft, cache = _speculative_step(
-                graphdef, state, token, draft, put(index), cache, step_key,
+            chosen, logp, acc, draft, routing, cache = _speculative_step(
+                graphdef, state, token, draft, put(index), cache, step_key, temps_dev,
                 sampling=sampling, placement=placement)
-            x0, x1, acc = np.asarray(x0), np.asarray(x1), np.asarray(acc)
+            chosen, logp, acc = np.asarray(chosen), np.asarray(logp), np.asarray(acc)
             drafted += int(active.sum())
             accepted += int((acc & active).sum())
-            kept = emit([[int(x0[r]), int(x1[r])] if acc[r] else [int(x0[r])]
+            kept = emit([[(int(chosen[r, j]), float(logp[r, j])) for j in range(1 + acc[r])]
                          for r in range(b)])
-            token = put(np.where(acc, x1, x0))
+            token = put(np.where(acc, chosen[:, 1], chosen[:, 0]))
             index = np.where(active, index + 1 + acc, index)
+            fed = np.stack([np.ones(b, bool), acc], axis=1)
         else:
-            token, cache = _decode_step(graphdef, state, token, put(index), cache, step_key,
-                                        sampling=sampling, placement=placement)
-            kept = emit([[int(x)] for x in np.asarray(token)])
+            token, logp, routing, cache = _decode_step(
+                graphdef, state, token, put(index), cache, step_key, temps_dev,
+                sampling=sampling, placement=placement)
+            logp = np.asarray(logp)
+            kept = emit([[(int(x), float(lp))] for x, lp in zip(np.asarray(token), logp)])
             index = np.where(active, index + 1, index)
+            routing, fed = np.asarray(routing)[:, None], np.ones((b, 1), bool)
+        if record is not None:
+            record.step(np.asarray(routing), step_index, lengths + count, fed)
         step_tokens.append(kept)
         step_seconds.append(time.perf_counter() - clock)
     return GenerateOutput(tokens=out, lengths=count, steps=steps, drafted=drafted,
                           accepted=accepted, prefill_seconds=prefill_seconds,
                           decode_seconds=time.perf_counter() - start,
-                          step_seconds=np.array(step_seconds), step_tokens=np.array(step_tokens))
+                          step_seconds=np.array(step_seconds), step_tokens=np.array(step_tokens),
+                          logprobs=out_logp,
+                          routed_experts=None if record is None else record.ids)

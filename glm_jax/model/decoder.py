@@ -37,16 +37,20 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(config, rngs=rngs, mesh=mesh) if moe
                     else Mlp(config, config.intermediate_size, rngs=rngs))
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, routed_experts=None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (x, aux): the MoE's counts / drops, and with a KV cache `kv` (see
-        Attention) the updated cache as aux["kv"]."""
+        """Returns (x, aux): the MoE's counts / drops / expert ids, and with a KV cache `kv`
+        (see Attention) the updated cache as aux["kv"]. routed_experts [B, T, k] int32: the
+        expert ids the MoE replays instead of choosing (MoE layers only)."""
         # The scopes name the parts in XLA's op metadata (bench/op_profile.py).
         with jax.named_scope("attention"):
             a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
             x = x + a
         with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
-            out = self.mlp(self.post_attn_norm(x))
+            if isinstance(self.mlp, MoE):
+                out = self.mlp(self.post_attn_norm(x), routed_experts)
+            else:
+                out = self.mlp(self.post_attn_norm(x))
         y, aux = out if isinstance(out, tuple) else (out, {})
         if kv is not None:
             aux = dict(aux, kv=kv)
@@ -68,23 +72,26 @@ class LayerStack(nnx.Module):
         self.layers = make(rngs)
         self.remat_policy = config.remat_policy
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, routed_experts=None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns the output and the per-layer aux dict, each entry stacked [layers, ...].
         With a KV cache `kv` = (k, v) [layers, B, S_max, NKV, D] (decoding), the caches are
-        scanned with the weights and aux["kv"] is the updated cache."""
+        scanned with the weights and aux["kv"] is the updated cache. routed_experts
+        [layers, B, T, k] int32 (MoE stacks): each layer replays its slice of expert ids;
+        the ids are scanned with the weights, one slice per layer."""
         if kv is not None:  # decoding: no backward pass, so no rematerialization
-            def step(x, layer, kv):
-                return layer(x, cos, sin, mask, kv, index)
+            def step(x, layer, kv, ids):
+                return layer(x, cos, sin, mask, kv, index, ids)
 
-            return nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
-                x, self.layers, kv)
+            return nnx.scan(step, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+                x, self.layers, kv, routed_experts)
 
-        def body(x, layer):
-            x, aux = layer(constrain(x, RESIDUAL_AXES), cos, sin, mask)
+        def body(x, layer, ids):
+            x, aux = layer(constrain(x, RESIDUAL_AXES), cos, sin, mask,
+                           routed_experts=ids)
             return constrain(x, RESIDUAL_AXES), aux
 
         if self.remat_policy != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat_policy])
-        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
-            constrain(x, RESIDUAL_AXES), self.layers)
+        return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+            constrain(x, RESIDUAL_AXES), self.layers, routed_experts)

@@ -18,14 +18,38 @@ from sharding.expert_parallel import expert_axis_size, expert_parallel_ffn
 from sharding.mesh import mesh_platform
 
 
-def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: GlmConfig
-          ) -> tuple[jax.Array, jax.Array]:
+def router_scores(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [N, H] -> sigmoid router scores [N, E] float32 (transformers' Glm4MoeTopkRouter)."""
+    return jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+
+
+def mixing_weights(scores: jax.Array, idx: jax.Array, config: GlmConfig) -> jax.Array:
+    """The chosen experts' mixing weights [N, k] float32: their plain sigmoid scores
+    (scores [N, E] at idx [N, k]), normalized to sum 1 with norm_topk_prob, times
+    routed_scaling_factor."""
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * config.routed_scaling_factor
+
+
+def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: GlmConfig,
+          replay: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x [N, H] -> (weights [N, k] float32, expert ids [N, k] int32).
 
     Runs in float32. The correction bias only decides *which* experts are chosen; the
     mixing weights are the plain sigmoid scores, as in transformers' Glm4MoeTopkRouter:
-    adding the bias to the weights too would change the output, not only the choice."""
-    scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+    adding the bias to the weights too would change the output, not only the choice.
+
+    replay: expert ids [N, k] int32 chosen elsewhere (routing replay: the rollout engine's
+    choice for the same token). They replace this router's top-k; the weights are still
+    this router's scores at those ids (so the router kernel keeps its gradient). The ids
+    must be in [0, E) and distinct within a row (an expert-parallel exchange sizes its
+    buffers for distinct ids); they are not checked here, inside a traced function."""
+    scores = router_scores(x, kernel)
+    if replay is not None:
+        idx = replay.astype(jnp.int32)
+        return mixing_weights(scores, idx, config), idx
     choice = scores + correction_bias.astype(jnp.float32)
     if config.n_group > 1:
         n, e = choice.shape
@@ -35,10 +59,8 @@ def route(x: jax.Array, kernel: jax.Array, correction_bias: jax.Array, config: G
         group_mask = jax.nn.one_hot(keep, config.n_group, dtype=bool).any(axis=1)
         choice = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
-    weights = jnp.take_along_axis(scores, idx, axis=-1)
-    if config.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * config.routed_scaling_factor, idx.astype(jnp.int32)
+    idx = idx.astype(jnp.int32)
+    return mixing_weights(scores, idx, config), idx
 
 
 def dense_experts(x, idx, weights, w_gate, w_up, w_down):
@@ -122,14 +144,19 @@ class MoE(nnx.Module):
                 "GlmForCausalLM(config, rngs=..., mesh=mesh))")
         return ep > 1
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, routed_experts: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, T, H] -> (y [B, T, H], {"counts": [E] token-expert pairs per expert,
-        "dropped": pairs dropped by a capacity limit})."""
+        "dropped": pairs dropped by a capacity limit, "routed_experts": [B, T, k] int32, the
+        expert ids used}). routed_experts [B, T, k] int32: replay these ids instead of the
+        router's top-k (see `route`)."""
         cfg = self.config
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
+        replay = None if routed_experts is None else routed_experts.reshape(b * t, -1)
         with jax.named_scope("router"):
-            weights, idx = route(flat, self.router_kernel[...], self.correction_bias[...], cfg)
+            weights, idx = route(flat, self.router_kernel[...], self.correction_bias[...], cfg,
+                                 replay)
         w = [p[...].astype(cfg.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
         with jax.named_scope("routed_experts"):
             routed, dropped = self._routed(flat, idx, weights, w)
@@ -138,4 +165,5 @@ class MoE(nnx.Module):
             with jax.named_scope("shared_expert"):
                 y = y + self.shared_experts(x)
         counts = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
-        return y, {"counts": counts, "dropped": dropped}
+        return y, {"counts": counts, "dropped": dropped,
+                   "routed_experts": idx.reshape(b, t, -1)}

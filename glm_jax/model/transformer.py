@@ -25,6 +25,9 @@ class CausalLMOutput:
     expert_counts: jax.Array  # [num_moe_layers, E] int32: token-expert pairs routed per expert
     mtp_expert_counts: jax.Array  # [num_mtp_layers, E] int32
     dropped: jax.Array  # int32: token-expert pairs dropped by a capacity limit, all layers
+    # [B, T, num_moe_layers, k] int32: the experts each main-model MoE layer used for each
+    # token (its own top-k, or the replayed ids); batch-major, as the tokens.
+    routed_experts: jax.Array | None = None
     cache: KVCache | None = None  # the updated KV cache of a cached (decoding) call
 
 
@@ -76,8 +79,8 @@ class GlmForCausalLM(nnx.Module):
         return jnp.dot(hidden.astype(self.config.dtype), table.T)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> CausalLMOutput:
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 routed_experts: jax.Array | None = None) -> CausalLMOutput:
         """input_ids [B, T] int32. `segment_ids` [B, T] marks packed documents (tokens attend
         only within their own); `positions` [B, T] restart at each document (default 0..T-1).
 
@@ -85,7 +88,15 @@ class GlmForCausalLM(nnx.Module):
         positions[b, t] = positions[b, 0] + t (prompts are right-padded, so a row's positions
         are its slots) and attends to the slots up to its own; `positions` is required,
         `segment_ids` is not used, the MTP layers do not run (their input, the next token,
-        is not known yet: see `mtp_draft`) and the output carries the updated cache."""
+        is not known yet: see `mtp_draft`) and the output carries the updated cache.
+
+        routed_experts [B, T, num_moe_layers, k] int32 (routing replay): every main-model MoE
+        layer uses these expert ids for each token instead of its own top-k, with mixing
+        weights from its current router scores at those ids (moe.route); e.g. the rollout's
+        recorded choices, so the trainer's forward routes as the rollout did. The MTP layers
+        always route themselves. Ids must be in [0, n_routed_experts) and distinct per
+        token; they are not checked inside the traced forward. The output's
+        `routed_experts` holds the ids used, replayed or chosen."""
         cfg = self.config
         b, t = input_ids.shape
         if cache is not None and positions is None:
@@ -101,6 +112,11 @@ class GlmForCausalLM(nnx.Module):
             index = positions[:, 0]
             mask = cache_mask(index, t, cache.max_len)
         no_counts = jnp.zeros((0, cfg.n_routed_experts), jnp.int32)
+        k = cfg.num_experts_per_tok
+        if routed_experts is not None and routed_experts.shape != (b, t, cfg.num_moe_layers, k):
+            raise ValueError(f"routed_experts has shape {list(routed_experts.shape)}; it must "
+                             f"be [B, T, num_moe_layers, k] = {[b, t, cfg.num_moe_layers, k]}")
+        used = jnp.zeros((b, t, 0, k), jnp.int32)
 
         embeds = self.embed_tokens(input_ids)
         x = embeds
@@ -111,15 +127,20 @@ class GlmForCausalLM(nnx.Module):
             dense_kv = aux.get("kv")
         expert_counts, dropped = no_counts, jnp.zeros((), jnp.int32)
         if self.moe_layers is not None:
-            x, aux = self.moe_layers(x, cos, sin, mask, None if cache is None else cache.moe, index)
+            # The layer axis leads inside the scan: [B, T, L, k] <-> [L, B, T, k].
+            replay = (None if routed_experts is None
+                      else jnp.moveaxis(routed_experts.astype(jnp.int32), 2, 0))
+            x, aux = self.moe_layers(x, cos, sin, mask, None if cache is None else cache.moe,
+                                     index, replay)
             expert_counts, dropped, moe_kv = aux["counts"], aux["dropped"].sum(), aux.get("kv")
+            used = jnp.moveaxis(aux["routed_experts"], 0, 2)
         with jax.named_scope("lm_head"):
             hidden = self.final_norm(x)
             logits = self.head(hidden)
         if cache is not None:
             return CausalLMOutput(logits=logits, mtp_logits=(), hidden_states=hidden,
                                   expert_counts=expert_counts, mtp_expert_counts=no_counts,
-                                  dropped=dropped,
+                                  dropped=dropped, routed_experts=used,
                                   cache=cache.replace(dense=dense_kv, moe=moe_kv))
 
         mtp_logits, mtp_counts, h = [], [], hidden
@@ -136,7 +157,7 @@ class GlmForCausalLM(nnx.Module):
             logits=logits, mtp_logits=tuple(mtp_logits), hidden_states=hidden,
             expert_counts=expert_counts,
             mtp_expert_counts=jnp.stack(mtp_counts) if mtp_counts else no_counts,
-            dropped=dropped)
+            dropped=dropped, routed_experts=used)
 
     def mtp_draft(self, next_ids: jax.Array, hidden: jax.Array, *, positions: jax.Array,
                   cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -1,5 +1,8 @@
 """Reinforcement learning on verifiable rewards, slime-style:
 
+  rollout.py      the rollout engine: G samples per prompt through glm_jax.generate, with
+                  each token's sampling log-probability and every MoE layer's expert choices
+                  (for routing replay in the trainer's forward)
   sandbox.py      model-written Python run against unit tests in a limited subprocess
   rewards.py      reward(example, completion) -> RewardResult: exact final answer, unit tests
   objective.py    group-relative advantages, the clipped policy-gradient loss, truncated

@@ -188,8 +188,10 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss
     parameter-sized float32 buffer)."""
 
     def objective(model, batch):
+        # routed_experts [B, T, num_moe_layers, k]: routing replay of the rollout's choices.
         out = model(batch["tokens"], positions=batch.get("positions"),
-                    segment_ids=batch.get("segment_ids"))
+                    segment_ids=batch.get("segment_ids"),
+                    routed_experts=batch.get("routed_experts"))
         with jax.named_scope("loss"):
             loss, metrics = loss_fn(out, batch)
         return loss, (metrics, out.expert_counts, out.mtp_expert_counts, out.dropped)
