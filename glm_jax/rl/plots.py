@@ -29,7 +29,13 @@ def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     (reward, passes, length), (clip, entropy, temp) = axes
-    reward.plot(*series("reward"), label="mean reward (all samples)")
+    xs, ys = series("reward")
+    reward.plot(xs, ys, alpha=0.5, label="mean reward (all samples)")
+    if len(ys) >= 5:  # the trend under the sampling noise
+        import numpy as np
+
+        smooth = np.convolve(ys, np.ones(5) / 5, mode="valid")
+        reward.plot(xs[4:], smooth, lw=2, label="5-step moving average")
     reward.set_title("reward")
     for name in level_names:
         xs, ys = series(f"pass_rate/{name}")
