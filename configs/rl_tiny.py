@@ -1,6 +1,9 @@
 """RL of the SFT demo model (configs/sft_tiny.py) on the embedded verifiable tasks:
 `python -m glm_jax.rl [--config.init_from=runs/sft_tiny] [--workdir runs/rl_tiny]`.
-A few minutes on a 2-core CPU. Every field is a flag (`--help` lists them)."""
+About 7 minutes on a 2-core CPU (60 steps of 8 prompts x 8 samples; docs/benchmarks.md,
+"RL (issue 16)"). Adam's first steps move every weight by ~lr whatever the gradient, so the
+learning rate warms up over 10 steps (2e-3 after a 2-step warm-up collapsed the policy to
+one long wrong answer within 3 steps). Every field is a flag (`--help` lists them)."""
 
 import ml_collections
 
@@ -13,8 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = tiny.get_config().model  # replaced by init_from's model
     # steps are RL steps; batch_size = rl.prompts_per_step x rl.samples_per_prompt rows of
     # seq_len tokens (prompt + completion, right-padded).
-    add_training_sections(config, steps=40, batch_size=64, seq_len=64, learning_rate=1e-4,
-                          warmup_steps=2, checkpoint_every=10, log_every=1, eval_every=0)
+    add_training_sections(config, steps=60, batch_size=64, seq_len=64, learning_rate=1e-3,
+                          warmup_steps=10, checkpoint_every=10, log_every=1, eval_every=0)
     config.init_from = "runs/sft_tiny"  # `python -m glm_jax.sft`'s default workdir
     config.optimizer.weight_decay = 0.0
     config.optimizer.schedule = "constant"
