@@ -201,3 +201,31 @@ def test_truncated_importance_sampling_uses_the_rollout_logprobs(sensitive):
     np.testing.assert_allclose(float(metrics["tis_weight"]), (w * tis).sum(), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["tis_clip_frac"]),
                                (w * (np.exp(train - r.logprobs) > cap)).sum(), rtol=1e-6)
+
+
+def test_the_trainer_replays_the_batchs_routing():
+    """make_trainer + PolicyGradientLoss on a rollout of the trainer's own weights, in two
+    micro-batches: with the rollout's routed_experts the step's probability ratio is 1
+    (same routing, same log-probabilities); with other expert ids it is not, so the
+    trainer's forward does use batch["routed_experts"], split with the rows."""
+    from glm_jax.train.trainer import make_trainer
+    from sharding.mesh import make_mesh
+    from train_config import small_config
+
+    # Without the MTP layer (not replayed, not scored): half the compile time.
+    config = small_config(**{"model.num_nextn_predict_layers": 0})
+    trainer = make_trainer(config, make_mesh({"data": 1}, jax.devices()[:1]),
+                           PolicyGradientLoss(tis_cap=2.0), micro_batches=2)
+    r = rollout(trainer.model(trainer.init()), PROMPTS, samples_per_prompt=G,
+                max_new_tokens=NEW, temperature=1.0, eos_ids=(), seed=0, pad_id=PAD)
+    batch = {"tokens": r.tokens, "loss_mask": r.completion_mask.astype(np.int32),
+             "advantages": np.float32([1, -1, 1, -1]), "old_logprobs": r.logprobs,
+             "rollout_logprobs": r.logprobs, "routed_experts": r.routed_experts,
+             "temperature": r.temperature}
+    _, same = trainer.step(trainer.init(), batch)
+    e = trainer.config.n_routed_experts
+    shifted = dict(batch, routed_experts=(r.routed_experts + 1) % e)  # still distinct ids
+    _, other = trainer.step(trainer.init(), shifted)
+    assert abs(float(same["ratio"]) - 1) < 1e-5 and float(same["approx_kl"]) < 1e-8
+    assert abs(float(same["tis_weight"]) - 1) < 1e-5
+    assert float(other["approx_kl"]) > 1e-6

@@ -263,3 +263,28 @@ def test_generate_enters_the_models_mesh(reference):
     np.testing.assert_array_equal(generate(sharded, prompts, max_new_tokens=4).tokens, want)
     np.testing.assert_array_equal(
         generate(sharded, prompts, max_new_tokens=4, speculative="mtp").tokens, want)
+
+
+def test_rollout_routing_record_and_replay_expert_parallel(reference):
+    """A rollout of an expert-parallel model records the single-device model's expert
+    choices and log-probabilities, and its forward replays them to the same logits."""
+    from glm_jax.rl.rollout import rollout
+    model, ids, _, _ = reference
+    prompts = np.asarray(ids[:, :6]).tolist()  # generate's shapes above: compiled once
+    mesh = make_mesh(parse_mesh("fsdp=2,expert=4"))
+    sharded = rules.shard_model(nnx.clone(model), mesh)
+    kw = dict(samples_per_prompt=1, max_new_tokens=4, temperature=0.0, eos_ids=(), seed=0,
+              pad_id=0)
+    want, got = rollout(model, prompts, **kw), rollout(sharded, prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.routed_experts, want.routed_experts)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+
+    def logits(m, tokens, routed):
+        return m(tokens, routed_experts=routed).logits
+
+    tokens, routed = jnp.asarray(want.tokens), jnp.asarray(want.routed_experts)
+    single = nnx.jit(logits)(model, tokens, routed)
+    with jax.set_mesh(mesh):
+        parallel = nnx.jit(logits)(sharded, tokens, routed)
+    np.testing.assert_allclose(np.asarray(parallel), np.asarray(single), atol=1e-5, rtol=0)
