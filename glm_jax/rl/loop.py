@@ -120,9 +120,10 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("speculative", "must be 'none' or 'mtp'")
     if r.loss_agg not in ("token", "sequence"):
         fail("loss_agg", "must be 'token' or 'sequence'")
-    if r.tis_cap < 0 or r.kl_coef != 0:
-        fail("tis_cap" if r.tis_cap < 0 else "kl_coef",
-             "tis_cap must be >= 0 (0 = off); kl_coef: only 0 (no reference policy is kept)")
+    if r.tis_cap < 0:
+        fail("tis_cap", "must be >= 0 (0 = off)")
+    if r.kl_coef != 0:
+        fail("kl_coef", "only 0: the run keeps no reference policy to take the KL to")
     rows = r.prompts_per_step * r.samples_per_prompt
     if cfg.train.batch_size != rows:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size}: the RL batch is "
