@@ -229,3 +229,19 @@ def test_the_trainer_replays_the_batchs_routing():
     assert abs(float(same["ratio"]) - 1) < 1e-5 and float(same["approx_kl"]) < 1e-8
     assert abs(float(same["tis_weight"]) - 1) < 1e-5
     assert float(other["approx_kl"]) > 1e-6
+
+
+def test_bad_arguments_name_the_argument(model):
+    kw = dict(samples_per_prompt=G, max_new_tokens=NEW, temperature=1.0, eos_ids=(), seed=0,
+              pad_id=PAD)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        rollout(model, [], **kw)
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] are empty"):
+        rollout(model, [[1, 2], []], **kw)
+    with pytest.raises(ValueError, match="samples_per_prompt=0"):
+        rollout(model, PROMPTS, **dict(kw, samples_per_prompt=0))
+    for bad in ([1.0], [1.0, -0.5], float("nan")):
+        with pytest.raises(ValueError, match="temperature="):
+            rollout(model, PROMPTS, **dict(kw, temperature=bad))
+    with pytest.raises(ValueError, match="routed_experts has shape"):
+        model(jnp.zeros((1, 3), jnp.int32), routed_experts=jnp.zeros((1, 3, 1, 2), jnp.int32))

@@ -19,6 +19,13 @@ equals the draft, the choice x1 for p+2 made from the draft's position is kept t
 greedy output is identical to plain greedy decoding, and with sampling every token is still
 drawn from the main model's distribution (the draft only decides how many tokens a step
 yields). The MTP layer has its own KV cache, written in the same step.
+
+For reinforcement learning (glm_jax.rl.rollout): `temperature` may differ per row (one
+compiled step serves any mix; 0 = greedy), every kept token comes with its log-probability
+under softmax(logits / T), computed in the same jitted step from the logits it was drawn
+from (with MTP, x0's from the first verified position and x1's from the second), and
+`record_routing=True` records the experts every main-model MoE layer chose for every token:
+the prompt's in the prefill, a generated token's in the step that feeds it to the model.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def rollout(model: GlmForCausalLM, prompts: Sequence[Sequence[int]], *,
     (costs one extra decode step). policy_version: the weights version stamped on every
     completion token.
 
-    Raises ValueError for an empty prompt list, samples_per_prompt < 1, a temperature list
+    Raises ValueError for an empty prompt list or prompt, samples_per_prompt < 1, a temperature list
     of the wrong length or a negative temperature (and whatever generate rejects)."""
     if not prompts:
         raise ValueError("rollout: prompts is empty; pass at least one token-id sequence")
@@ -103,14 +103,17 @@ def rollout(model: GlmForCausalLM, prompts: Sequence[Sequence[int]], *,
     if temps.shape != (p,) or (temps < 0).any() or not np.isfinite(temps).all():
         raise ValueError(f"temperature={temperature!r}: must be one number >= 0 or one per "
                          f"prompt ({p} numbers >= 0)")
+    empty = [i for i in range(p) if len(prompts[i]) == 0]
+    if empty:
+        raise ValueError(f"rollout: prompt(s) {empty} are empty; every prompt needs a token")
     rows = [np.asarray(prompts[i], np.int32) for i in range(p) for _ in range(g)]
     row_temps = np.repeat(temps, g)
 
-    start = time.perf_counter()
+    clock = time.perf_counter()
     out = generate(model, rows, max_new_tokens=max_new_tokens, temperature=row_temps,
                    eos_ids=eos_ids, seed=seed, speculative=speculative, pad_id=pad_id,
                    record_routing=record_routing)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - clock
 
     n = p * g
     prompt_lengths = np.array([len(r) for r in rows], np.int32)
