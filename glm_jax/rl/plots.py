@@ -54,7 +54,9 @@ def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
     twin.set_ylabel("clip range eps")
     twin.legend(loc="upper right", fontsize="small")
     clip.set_title("clip fraction")
-    entropy.plot(*series("entropy"))
+    # A step whose batch had no group with signal trained no token: no entropy to show.
+    trained = [(r["step"], r["entropy"]) for r in records if r.get("trained_tokens")]
+    entropy.plot([p[0] for p in trained], [p[1] for p in trained])
     entropy.set_title("policy entropy on trained tokens (nats)")
     temp.plot(*series("temperature"))
     temp.set_title("sampling temperature")
