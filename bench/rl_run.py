@@ -98,7 +98,7 @@ after (1-minute). One process, one CPU device, float32, colocated synchronous mo
   {s['logprob_share']:.0%}); the rest is batch building, metrics and checkpoints.
 - Dynamic sampling: {s['filtered_groups']} of {s['prompts_sampled']} sampled groups filtered
   (all rewards equal); {s['padded_groups']} batch slots padded with masked groups.
-""" + (f"\n![RL curves](rl_curves_tiny.png)\n" if figure else "")
+""" + ("\n![RL curves](rl_curves_tiny.png)\n" if figure else "")
     print(text)
     if not args.no_docs:
         with open(os.path.join(DOCS, "benchmarks.md"), "a") as f:
