@@ -10,8 +10,8 @@ resumed run sees the same teacher logits and resumes exactly.
 
 Memory: the batch holds B * T * V float32 values per teacher, sharded over the batch axes
 (the tiny configs: 4 x 1024 x ~300 x 4 B = 5 MB per teacher). At hub sizes that is what
-does not fit: GLM-4.5's vocabulary of 151,552 on a batch of 1M tokens is 606 GB per
-teacher. A hub-size run would keep each teacher's top-k logits per position (k ~ 64:
+does not fit: GLM-4.5's vocabulary of 151,552 on a batch of 10^6 tokens is 606 GB
+per teacher. A hub-size run would keep each teacher's top-k logits per position (k ~ 64:
 values and ids, 0.5 KB per token) and compute the KL over those, or run the teacher
 forward inside the step per micro-batch and drop its logits after the loss.
 """
