@@ -145,6 +145,9 @@ def test_trainer_toward_a_teacher_equal_to_the_student_changes_nothing(setup):
     teachers = Teachers([ckpts["self"]], mesh, vocab_size=cfg.model.vocab_size)
     batch = teachers(_batch())
     assert batch["teacher_logits"].shape == (4, 1, 32, cfg.model.vocab_size)
+    # Deterministic (a resumed run sees the logits the uninterrupted one saw).
+    np.testing.assert_array_equal(teachers(_batch())["teacher_logits"],
+                                  batch["teacher_logits"])
     state, m = trainer.step(jax.tree.map(jnp.copy, init), batch)
     m = jax.device_get(m)
     assert abs(float(m["loss"])) < 1e-6 and abs(float(m["kl"])) < 1e-6
