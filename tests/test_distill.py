@@ -189,7 +189,8 @@ def test_trainer_gradient_equals_jax_grad_of_distillation_loss(setup):
     trainer = make_trainer(cfg, mesh, DistillationLoss(temperature=2.0, ce_weight=0.25,
                                                        mtp_depths=1),
                            tx=optax.trace(decay=0.0), micro_batches=2)
-    state, m = trainer.step(init.replace(opt_state=trainer.tx.init(init.params)), batch)
+    start = jax.tree.map(jnp.copy, init)  # the step donates its input
+    state, m = trainer.step(start.replace(opt_state=trainer.tx.init(start.params)), batch)
     got = nnx.to_pure_dict(jax.device_get(state.opt_state.trace))
 
     targets, valid = shifted_targets(batch["tokens"], batch["segment_ids"], 1,
