@@ -9,7 +9,7 @@ trains on, before the student's step. It is deterministic (no dropout, no sampli
 resumed run sees the same teacher logits and resumes exactly.
 
 Memory: the batch holds B * T * V float32 values per teacher, sharded over the batch axes
-(the tiny configs: 4 x 1024 x ~300 x 4 B = 5 MB per teacher). At hub sizes that is what
+(configs/sft_tiny.py: 4 x 1024 x 320 x 4 B = 5 MB per teacher). At hub sizes that is what
 does not fit: GLM-4.5's vocabulary of 151,552 on a batch of 10^6 tokens is 606 GB
 per teacher. A hub-size run would keep each teacher's top-k logits per position (k ~ 64:
 values and ids, 0.5 KB per token) and compute the KL over those, or run the teacher
@@ -77,6 +77,8 @@ class Teachers:
         batch_sharding = NamedSharding(
             mesh, PartitionSpec(rules.mesh_axes_for("batch", dict(mesh.shape)) or None))
 
+        # Only the main head's logits leave the program, so XLA drops a teacher's MTP
+        # layers from it (their outputs are unused).
         def forward(states, tokens, positions, segment_ids):
             logits = []
             for graphdef, state in zip(graphdefs, states):
