@@ -1,6 +1,7 @@
 """Supervised fine-tuning of the tiny model (configs/tiny.py) on the embedded chat task set:
 `python -m glm_jax.sft --config.init_from=runs/tiny` (a train.py workdir, or a converted
-hub checkpoint with `--config.sft.tokenizer`). Rows of 1024 tokens hold the calculator
+hub checkpoint with `--config.sft.tokenizer`); add `--config.sft.teachers=ckptA,ckptB` to
+distill teacher checkpoints into it. Rows of 1024 tokens hold the calculator
 episodes whole (their tool list alone is ~700 byte tokens)."""
 
 import ml_collections
@@ -27,5 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
         eval_at_start=True,  # evaluate the initial model (the "before" accuracy)
         eval_max_new_tokens=256,  # per assistant turn
         eval_batch_size=25,  # conversations generated together
+        # Distillation: comma-separated teacher checkpoints (workdirs, step folders or
+        # converted checkpoints with the student's vocabulary); "" = plain SFT. Every
+        # teacher is matched on every record's assistant tokens, with equal weight.
+        teachers="",
+        distill_temperature=1.0,  # softmax temperature of both sides of the KL (> 0)
+        ce_weight=0.0,  # loss = (1 - ce_weight) * KL + ce_weight * next-token CE
     ))
     return config

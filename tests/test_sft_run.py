@@ -29,23 +29,31 @@ FLAGS = {**{k: v for k, v in OVERRIDES.items() if k.startswith("model.")},
          "sft.eval_max_new_tokens": 4, "sft.eval_batch_size": 2}
 
 
-def _sft(workdir: str, cache: str, steps: int) -> subprocess.CompletedProcess:
+def _sft(workdir: str, cache: str, steps: int, **flags) -> subprocess.CompletedProcess:
     # One device and a shared compilation cache: the resumed run reuses the first's
     # compiled step and generation programs.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "glm_jax.sft", "--workdir", workdir,
-           *[f"--config.{k}={v}" for k, v in {**FLAGS, "train.steps": steps}.items()]]
+           *[f"--config.{k}={v}" for k, v in {**FLAGS, "train.steps": steps, **flags}.items()]]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)  # a hang guard, not a timing assertion
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 
-def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(tmp_path):
-    workdir, cache = str(tmp_path / "sft"), str(tmp_path / "xla")
-    first = _sft(workdir, cache, steps=2)
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """A 2-step SFT run (workdir, compilation cache, process): the resume test trains it on,
+    the distillation test takes it as its teacher."""
+    root = tmp_path_factory.mktemp("sft")
+    workdir, cache = str(root / "sft"), str(root / "xla")
+    return workdir, cache, _sft(workdir, cache, steps=2)
+
+
+def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(first_run, tmp_path):
+    workdir, cache, first = first_run
     assert "0 of 32 conversations longer than train.seq_len=320 are cut" in first.stdout
     second = _sft(workdir, cache, steps=3)  # finds step 2 and trains on
     assert "resumed from step 2" in second.stdout, second.stdout
@@ -80,6 +88,32 @@ def test_short_sft_run_writes_checkpoints_and_metrics_and_resumes(tmp_path):
     resolved, resume_step = run_config.resolve(cfg, str(tmp_path / "again"))
     assert resume_step is None
     assert GlmConfig.from_dict(resolved.model.to_dict()) == GlmConfig.from_dict(model)
+
+
+def test_sft_distills_a_saved_checkpoint(first_run, tmp_path):
+    """--config.sft.teachers: 2 steps toward a teacher checkpoint (the first run's), the KL
+    in metrics.jsonl; a student with another vocabulary is refused in one line."""
+    teacher, cache, _ = first_run
+    workdir = str(tmp_path / "distill")
+    proc = _sft(workdir, cache, steps=2, **{"sft.teachers": teacher})
+    assert "distilling from 1 teacher(s)" in proc.stdout, proc.stdout
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        # ce_weight 0: the loss is the KL plus the MTP depth's next-token loss (weight 0.3).
+        assert r["kl"] > 0 and r["kl/teacher_0"] == pytest.approx(r["kl"], rel=1e-6)
+        assert r["loss"] == pytest.approx(r["kl"] + 0.3 * r["mtp_loss"], rel=1e-5)
+        assert r["distilled_tokens"] == r["valid_tokens"] > 0
+
+    bad = subprocess.run([sys.executable, "-m", "glm_jax.sft", f"--config.sft.teachers={teacher}",
+                          "--config.model.vocab_size=400", "--workdir", str(tmp_path / "bad")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip() == (
+        f"python -m glm_jax.sft: error: config.sft.teachers: teacher {teacher} has "
+        "vocab_size=320 but the student has vocab_size=400; distillation needs the same "
+        "vocabulary (use a teacher trained with the student's tokenizer)")
 
 
 @pytest.mark.parametrize("flag, message", [

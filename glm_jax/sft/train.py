@@ -41,6 +41,12 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     if s.get("max_digits", 0) < 0:
         raise ValueError(f"config.sft.max_digits={s.max_digits!r}: must be >= 0 (0 = each "
                          "task's own range)")
+    if not s.get("distill_temperature", 1.0) > 0:
+        raise ValueError(f"config.sft.distill_temperature={s.distill_temperature!r}: must "
+                         "be > 0")
+    if not 0.0 <= s.get("ce_weight", 0.0) <= 1.0:
+        raise ValueError(f"config.sft.ce_weight={s.ce_weight!r}: must be in [0, 1] (0 = "
+                         "distillation only, 1 = next-token loss only)")
     if s.tokenizer and not os.path.isfile(s.tokenizer):
         raise ValueError(f"config.sft.tokenizer={s.tokenizer!r}: no such file (a hub "
                          "tokenizer.json, or '' for the byte-level default)")
@@ -149,15 +155,55 @@ def plot_accuracy(workdir: str) -> str | None:
     return path
 
 
+def teacher_paths(cfg: ml_collections.ConfigDict) -> list[str]:
+    """config.sft.teachers as a list ([] = no distillation)."""
+    return [p for p in cfg.sft.get("teachers", "").split(",") if p]
+
+
+def student_vocab_size(cfg: ml_collections.ConfigDict) -> int:
+    """The vocabulary the student trains with: init_from's (which fixes the architecture)
+    or config.model's. Reads only JSON."""
+    from glm_jax.checkpoint_source import resolve_checkpoint
+
+    if cfg.get("init_from"):
+        return resolve_checkpoint(cfg.init_from, what="config.init_from").config.vocab_size
+    return cfg.model.vocab_size
+
+
 def prepare(cfg: ml_collections.ConfigDict):
     """Every check and the data, before anything compiles: (tokenizer, corpus, held-out
     records, conversations cut to train.seq_len). Raises ValueError / FileNotFoundError."""
     check(cfg)
     loop.validate(cfg)
+    if teacher_paths(cfg):
+        from glm_jax.sft.teachers import check_teachers
+
+        check_teachers(teacher_paths(cfg), student_vocab_size(cfg))
     tokenizer = load_chat_tokenizer(cfg.sft.tokenizer or None)
     corpus, held_out = load_data(cfg, tokenizer)
     truncated = data.DocumentRows(corpus, cfg.train.seq_len, tokenizer.pad_id).truncated
     return tokenizer, corpus, held_out, truncated
+
+
+def distillation(cfg: ml_collections.ConfigDict, workdir: str, overrides: tuple[str, ...]):
+    """(DistillationLoss, Teachers) of config.sft: the teachers are loaded on the mesh the
+    loop builds from config.train.mesh, and checked against the student's resolved model."""
+    import jax
+
+    from glm_jax.config import GlmConfig
+    from glm_jax.sft.distill import DistillationLoss
+    from glm_jax.sft.teachers import Teachers
+    from glm_jax.train import run_config
+    from sharding.mesh import make_mesh
+
+    resolved, _ = run_config.resolve(cfg, workdir, overrides)
+    model_cfg = GlmConfig.from_dict(resolved.model.to_dict())
+    t = resolved.train
+    loss_fn = DistillationLoss(cfg.sft.get("distill_temperature", 1.0),
+                               cfg.sft.get("ce_weight", 0.0), t.mtp_loss_weight,
+                               t.z_loss_weight, model_cfg.num_mtp_layers)
+    mesh = make_mesh(run_config.mesh_axes(t.mesh, jax.devices()))
+    return loss_fn, Teachers(teacher_paths(cfg), mesh, vocab_size=model_cfg.vocab_size)
 
 
 def run_sft(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -183,13 +229,20 @@ def run_sft(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tr
     # depth, and normalizes over the whole batch (micro-batches add up to it).
     loss_fn = NextTokenLoss(t.mtp_loss_weight, t.z_loss_weight,
                             GlmConfig.from_dict(cfg.model.to_dict()).num_mtp_layers)
+    teachers = None
+    if teacher_paths(cfg):
+        loss_fn, teachers = distillation(cfg, workdir, overrides)
+        if lead:
+            print(f"glm-jax sft: distilling from {len(teachers)} teacher(s) "
+                  f"({', '.join(str(s.path) for s in teachers.sources)}) at temperature "
+                  f"{loss_fn.temperature}, ce_weight {loss_fn.ce_weight}", flush=True)
     evaluate = (make_evaluate(cfg, tokenizer, held_out, workdir, lead=lead)
                 if held_out else None)
     result = loop.run(cfg, workdir, progress=progress, stop_at=stop_at, overrides=overrides,
                       corpus=corpus, whole_documents=True, pad_id=tokenizer.pad_id,
                       loss_fn=loss_fn,
                       evaluate=evaluate, evaluate_every=cfg.sft.eval_every,
-                      evaluate_at_start=cfg.sft.eval_at_start)
+                      evaluate_at_start=cfg.sft.eval_at_start, batch_transform=teachers)
     if lead and evaluate is not None:
         path = plot_accuracy(workdir)
         if path:

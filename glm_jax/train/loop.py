@@ -117,7 +117,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         stop_at: int | None = None, overrides: tuple[str, ...] = (),
         corpus: data.Corpus | None = None, whole_documents: bool = False,
         pad_id: int = data.BYTE_PAD, loss_fn: Any = None, evaluate: Evaluate | None = None,
-        evaluate_every: int = 0, evaluate_at_start: bool = False) -> dict[str, Any]:
+        evaluate_every: int = 0, evaluate_at_start: bool = False,
+        batch_transform: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
+        ) -> dict[str, Any]:
     """Train to `cfg.train.steps` (resuming from `workdir` if it holds a checkpoint), or
     only up to step `stop_at` (then save and return, as on SIGTERM). `overrides`: the
     config fields set on the command line (see run_config.resolve).
@@ -126,7 +128,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     (with `whole_documents` / `pad_id` for make_dataset), `loss_fn` for make_trainer, and
     `evaluate(model, step)`, called every `evaluate_every` steps (0 = never), at the end,
     and before the first step of a fresh run if `evaluate_at_start`; its metrics go to
-    metrics.jsonl / TensorBoard under "eval/".
+    metrics.jsonl / TensorBoard under "eval/". `batch_transform(batch) -> batch` sees each
+    global batch (sharded, before the step) and may add arrays with a leading row axis, e.g.
+    distillation's teacher logits (glm_jax.sft.teachers); it must be deterministic for a
+    resumed run to repeat the uninterrupted one.
     Returns {"losses": {step: loss} of the steps run now, "stopped_by": signal or None,
     "state": the final train state (None when there was nothing to do), "step",
     "eval": {step: evaluate's metrics}}."""
@@ -242,7 +247,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     with StopFlag() as stop:
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         while step < end:
-            state, m = trainer.step(state, global_batch(next(data_iter)))
+            batch = global_batch(next(data_iter))
+            if batch_transform is not None:
+                batch = batch_transform(batch)
+            state, m = trainer.step(state, batch)
             step += 1
             record = None
             eval_loss_now = evaluator is not None and (step % t.eval_every == 0 or step == end)
@@ -267,8 +275,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                 }
                 if eval_loss_now:
                     record.update(evaluator(state))
-                if "valid_tokens" in m:  # targets the loss counted (SFT: trained tokens)
-                    record["valid_tokens"] = float(m["valid_tokens"])
+                # What post-training losses add: the targets counted (SFT: trained tokens),
+                # distillation's KL (overall and per teacher) and its (teacher, token) pairs.
+                record.update({k: float(v) for k, v in m.items()
+                               if k in ("valid_tokens", "kl", "distilled_tokens")
+                               or k.startswith("kl/")})
                 # No throughput before the first timed window: None, not nan.
                 record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                           for k, v in record.items()}
