@@ -11,7 +11,7 @@ import sys
 
 from absl import app
 
-from glm_jax.cli_errors import fail, report_user_errors
+from glm_jax.cli_errors import report_user_errors
 from glm_jax.train import cli
 
 PROG = "python -m glm_jax.rl"
@@ -20,22 +20,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def _main(argv):
-    if len(argv) > 1:
-        fail(PROG, f"unexpected arguments {argv[1:]} (config fields are flags: "
-             "--config.train.steps=10)")
-    from absl import flags, logging
-
     from glm_jax.rl.loop import run_rl
 
-    FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
-    cfg = FLAGS.config
-    if "rl" not in cfg:
-        fail(PROG, f"{FLAGS['config'].config_filename} has no 'rl' section (start from "
-             "configs/rl_tiny.py)")
-    workdir = FLAGS.workdir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+    cfg, workdir = cli.section_command(argv, PROG, "rl")
     report_user_errors(PROG, lambda: run_rl(cfg, workdir, overrides=cli.overrides()))
 
 

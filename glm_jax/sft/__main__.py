@@ -10,7 +10,7 @@ import sys
 
 from absl import app
 
-from glm_jax.cli_errors import fail, report_user_errors
+from glm_jax.cli_errors import report_user_errors
 from glm_jax.train import cli
 
 PROG = "python -m glm_jax.sft"
@@ -19,22 +19,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def _main(argv):
-    if len(argv) > 1:
-        fail(PROG, f"unexpected arguments {argv[1:]} (config fields are flags: "
-             "--config.train.steps=100)")
-    from absl import flags, logging
-
     from glm_jax.sft.train import prepare, run_sft
 
-    FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
-    cfg = FLAGS.config
-    if "sft" not in cfg:
-        fail(PROG, f"{FLAGS['config'].config_filename} has no 'sft' section (start from "
-             "configs/sft_tiny.py)")
-    workdir = FLAGS.workdir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+    cfg, workdir = cli.section_command(argv, PROG, "sft")
     prepared = report_user_errors(PROG, lambda: prepare(cfg), also=(ValueError,
                                                                       FileNotFoundError))
     report_user_errors(PROG, lambda: run_sft(cfg, workdir, prepared=prepared,

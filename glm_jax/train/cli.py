@@ -1,4 +1,4 @@
-"""The absl command lines (train.py, python -m glm_jax.sft): flag errors as one line, and
+"""The absl command lines (train.py, python -m glm_jax.sft / glm_jax.rl): flag errors as one line, and
 `--help` that lists the config.
 
 absl prints a flag error as two lines (and ml_collections a typo'd config field as a
@@ -147,3 +147,28 @@ def overrides() -> tuple[str, ...]:
     from ml_collections import config_flags
 
     return tuple(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def section_command(argv: Sequence[str], prog: str, section: str
+                    ) -> tuple[ml_collections.ConfigDict, str]:
+    """The shared start of a post-training command's main (`python -m glm_jax.sft`,
+    `python -m glm_jax.rl`), after absl parsed the flags: refuses stray arguments and a
+    config without its `section`, quiets orbax's per-save INFO logs unless --verbosity was
+    given, and returns (the config, the workdir: --workdir, else runs/<config file name>).
+    Exits with one line (code 2) on a user's mistake."""
+    from absl import flags, logging
+
+    if len(argv) > 1:
+        fail(prog, f"unexpected arguments {list(argv[1:])} (config fields are flags: "
+             "--config.train.steps=100)")
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    cfg = FLAGS.config
+    config_path = FLAGS["config"].config_filename
+    if section not in cfg:
+        fail(prog, f"{config_path} has no '{section}' section (start from "
+             f"configs/{section}_tiny.py)")
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_path))[0])
+    return cfg, workdir
