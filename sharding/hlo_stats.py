@@ -186,18 +186,16 @@ def _matmul_flops(op: str, rtype: str, operands: list[str], rest: str,
         for i in filter(None, (m.group(1) if m else "").split(",")):
             contracted *= lhs[int(i)] if int(i) < len(lhs) else 1
         return 2.0 * out * contracted
-    # convolution, dim_labels like bf_io->bf or b01f_01io->b01f: contracted = the input
-    # feature dimension (per feature group) x the kernel's spatial window
+    # convolution, dim_labels like bf_io->bf or 0b1f2_0o12i->01bf2: the TPU compiler
+    # writes dots as convolutions whose spatial dimensions (digits) are the dot's batch
+    # dimensions, one valid window tap per output element (GLM has no true convolution), so
+    # contracted = the input feature dimension (per feature group).
     m = re.search(r"dim_labels=([\w]+)_([\w]+)->", rest)
-    if not m or not lhs:
+    if not m or not lhs or "f" not in m.group(1):
         return 0.0
-    contracted = lhs[m.group(1).index("f")] if "f" in m.group(1) else 1
+    contracted = lhs[m.group(1).index("f")]
     groups = re.search(r"feature_group_count=(\d+)", rest)
     contracted //= int(groups.group(1)) if groups else 1
-    rhs = _dims(types.get(operands[1], "")) if len(operands) > 1 else []
-    for i, label in enumerate(m.group(2)):
-        if label.isdigit() and i < len(rhs):
-            contracted *= rhs[i]
     return 2.0 * out * contracted
 
 
