@@ -76,6 +76,18 @@ def test_ragged_layout_replays_to_the_right_rows(buffer_factor):
         assert (recv[j][:total, 2] // e_local == j).all(), "row at the wrong device"
         np.testing.assert_array_equal(lay["recv_expert"][:total], recv[j][:total, 2] % e_local)
         assert (lay["recv_expert"][total:] == e_local).all()
+        # the local-expert order, computed from the counts: a permutation of the buffer that
+        # sorts the real rows by local expert, stably (by source, then as sent), empties last
+        pos = lay["local_position"]
+        np.testing.assert_array_equal(np.sort(pos), np.arange(buf))
+        ordered = np.full((buf, 3), -1)
+        ordered[pos] = recv[j]
+        np.testing.assert_array_equal(
+            ordered[:total], recv[j][:total][np.argsort(recv[j][:total, 2] % e_local,
+                                                        kind="stable")])
+        np.testing.assert_array_equal(lay["local_group_sizes"],
+                                      np.bincount(recv[j][:total, 2] % e_local,
+                                                  minlength=e_local))
     sent = counts.reshape(ep, ep, e_local).sum(-1)
     if buffer_factor is None:
         assert kept == n * k * ep, "dropless buffer dropped rows"
