@@ -2,7 +2,7 @@
 this accelerator? One table, in a few minutes; exit code 1 on a parity failure.
 
     python -m bench.device_check                      # the `bench` config on the first accelerator
-    python -m bench.device_check --config tiny --batch 1 --seq 64 --new-tokens 4   # CPU smoke
+    python -m bench.device_check --config tiny --layers 2 --batch 1 --seq 32 --new-tokens 3  # CPU
 
 1. float32 parity: the same weights (random, seed 0) and tokens on the host's CPU device and
    on the accelerator, every grouped-matmul backend: logits, loss and the gradient norm of
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None,
+                   help="num_hidden_layers instead of the config's (a quicker check)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated moe_backend values to check")
     args = p.parse_args(argv)
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg = cfg.replace(dtype="float32", param_dtype="float32")
+    if args.layers is not None:
+        cfg = cfg.replace(num_hidden_layers=args.layers)
     device = _accelerator(args.platform)
     t0 = time.perf_counter()
     print(f"{args.config} on {device.platform} ({device.device_kind}); jax {jax.__version__}",

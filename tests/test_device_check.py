@@ -10,8 +10,8 @@ from bench.device_check import main  # noqa: E402
 
 
 def test_device_check_smoke_on_cpu(capsys):
-    code = main(["--config", "tiny", "--platform", "cpu", "--batch", "1", "--seq", "32",
-                 "--parity-batch", "1", "--parity-seq", "16", "--repeats", "1",
+    code = main(["--config", "tiny", "--layers", "2", "--platform", "cpu", "--batch", "1",
+                 "--seq", "32", "--parity-batch", "1", "--parity-seq", "16", "--repeats", "1",
                  "--prompt-len", "8", "--new-tokens", "3", "--backends", "ragged_dot,buckets"])
     out = capsys.readouterr().out
     assert code == 0, out
