@@ -149,7 +149,8 @@ def take_rows(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int = 1) ->
     """x [N, H], order [N*k] a permutation of range(N*k), inverse its inverse ->
     rows [N*k, H], rows[j] = x[order[j] // k] (k = 1: a plain permutation; k > 1: each row
     of x appears k times, as the token-expert pairs of its k experts)."""
-    return jnp.take(x, order // k, axis=0)
+    # In bounds by construction: no out-of-bounds masks in the gather (jnp.take's default).
+    return x.at[order // k].get(mode="promise_in_bounds", unique_indices=k == 1)
 
 
 def _take_rows_fwd(x, order, inverse, k):
@@ -159,7 +160,8 @@ def _take_rows_fwd(x, order, inverse, k):
 def _take_rows_bwd(k, res, g):
     order, inverse, n = res
     # dx[t] = sum over the pairs p of token t (p // k == t) of g at the row p went to
-    dx = jnp.take(g, inverse, axis=0).reshape(n, k, *g.shape[1:]).sum(1)
+    dx = g.at[inverse].get(mode="promise_in_bounds", unique_indices=True)
+    dx = dx.reshape(n, k, *g.shape[1:]).sum(1)
     return dx, None, None  # order and inverse are integers
 
 
@@ -267,7 +269,9 @@ def ragged_layout(counts: jax.Array, me: jax.Array, buffer_rows: int):
     recv_starts, recv_sizes = starts_in_receiver[:, me], accepted[:, me]
     # local expert of buffer row r: find its source block i, then its run inside i's block
     r = jnp.arange(buffer_rows, dtype=jnp.int32)
-    block = jnp.clip(jnp.searchsorted(recv_starts + recv_sizes, r, side="right"), 0, ep - 1)
+    # EP sorted ends: compare all (no binary-search loop to compile for every row)
+    block = jnp.clip(jnp.searchsorted(recv_starts + recv_sizes, r, side="right",
+                                      method="compare_all"), 0, ep - 1)
     inside = r - recv_starts[block]
     run_ends = jnp.cumsum(by_expert[:, me, :], axis=1)  # [i, e_local]
     expert = jnp.sum(inside[:, None] >= run_ends[block], axis=1).astype(jnp.int32)
