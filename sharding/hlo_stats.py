@@ -119,8 +119,11 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     Collectives inside a `while` body (the layer scan) count once per trip
     (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
     S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
-    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
+    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S;
+    ragged-all-to-all (n-1)/n of the smaller of its input and output (the real rows, which
+    at balanced routing all leave the device)."""
     comps, mult = _run_counts(hlo)
+    types = _instructions(hlo)[1] if "ragged-all-to-all" in hlo else {}
     out: dict[str, float] = defaultdict(float)
     for name, lines in comps.items():
         for line in lines:
@@ -129,6 +132,14 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
             if not m:
                 continue
             kind, size = m.group(3), _shape_bytes(m.group(2))
+            if kind == "ragged-all-to-all":
+                # Only real rows move, and a device sends at most its input and receives at
+                # most its output buffer: the smaller of the two (the dispatch's input is
+                # the device's own token-expert rows, the return's output the same rows;
+                # the other side is the padded receive buffer).
+                operand = re.search(r"ragged-all-to-all\(%?([\w.\-]+)", line)
+                if operand and operand.group(1) in types:
+                    size = min(size, _shape_bytes(types[operand.group(1)]))
             if m.group(4):  # async start: result tuple holds (operand, result); keep result
                 size = _shape_bytes(m.group(2).rsplit(",", 1)[-1]) if kind != "all-reduce" \
                     else size / 2
