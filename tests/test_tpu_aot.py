@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from glm_jax.config import GlmConfig  # noqa: E402
 from sharding.expert_parallel import ragged_layout, receive_buffer_rows  # noqa: E402
+from sharding.hlo_stats import matmul_flops  # noqa: E402
 from sharding.mesh import make_mesh, mesh_platform  # noqa: E402
 from sharding.topology import libtpu_available, parse_target, tpu_devices  # noqa: E402
 
@@ -195,6 +196,12 @@ def test_train_step_compiles_for_tpu_with_the_accelerator_moe_path(tpu_step, cap
     assert plan.flops_at_real_rows <= 1.2 * plan.analytic_flops, \
         (plan.flops_at_real_rows, plan.analytic_flops)
     assert "involuntary full rematerialization" not in capfd.readouterr().err
+    # The HLO-derived matmul FLOPs (the step estimate's compute term) agree with the
+    # compiler's own count: loop bodies once plus the kernels' declared FLOPs, short of it
+    # only by the elementwise work.
+    once = matmul_flops(hlo, per_trip=False) + sum(plan.kernel_flops_once.values())
+    assert 0.75 * plan.flops <= once <= plan.flops, (once, plan.flops)
+    assert plan.executed_flops > 0 and plan.hbm_bytes > 0
 
 
 @needs_libtpu
