@@ -324,8 +324,8 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None, chip=None)
                      f"{chip.ring_bytes_per_second / 1e9:.0f} GB/s per collective):")
         lines.append(f"    compute {est.compute:.3f} s, HBM {est.hbm:.3f} s, collectives "
                      + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(est.collectives.items())))
-        lines.append(f"    all overlapped {est.overlapped:.3f} s (MFU {100 * est.mfu_overlapped:.1f}"
-                     f"%), collectives not overlapped {est.serial:.3f} s (MFU "
+        lines.append(f"    all overlapped {est.overlapped:.3f} s (MFU "
+                     f"{100 * est.mfu_overlapped:.1f}%), collectives not overlapped {est.serial:.3f} s (MFU "
                      f"{100 * est.mfu_serial:.1f}%)")
     lines.append(f"  (compile {plan.compile_seconds:.0f} s wall, of which trace + lower "
                  f"{plan.lower_seconds:.0f} s; {plan.compile_cpu_seconds:.0f} s CPU; load "
