@@ -36,6 +36,7 @@ The transport follows the devices the mesh runs on (`sharding.mesh.mesh_platform
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -136,6 +137,43 @@ def expert_parallel_ffn(x: jax.Array, idx: jax.Array, weights: jax.Array, w_gate
     return y[:n], dropped
 
 
+
+# Row permutations as gathers. The exchange reorders token rows several times (by expert,
+# by local expert, and back). Written as `zeros.at[perm].set(rows)` (a scatter) or as a
+# plain gather, whose transpose is a scatter-add, XLA emits row scatters; on TPU each
+# [rows, hidden] scatter costs ~10 s of compile time (and its indices a sort), and the
+# exchange had twelve of them per step. A permutation's transpose is the gather by its
+# inverse, so here every reordering is a gather, forward and backward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int = 1) -> jax.Array:
+    """x [N, H], order [N*k] a permutation of range(N*k), inverse its inverse ->
+    rows [N*k, H], rows[j] = x[order[j] // k] (k = 1: a plain permutation; k > 1: each row
+    of x appears k times, as the token-expert pairs of its k experts)."""
+    # In bounds by construction: no out-of-bounds masks in the gather (jnp.take's default).
+    return x.at[order // k].get(mode="promise_in_bounds", unique_indices=k == 1)
+
+
+def _take_rows_fwd(x, order, inverse, k):
+    return take_rows(x, order, inverse, k), (order, inverse, x.shape[0])
+
+
+def _take_rows_bwd(k, res, g):
+    order, inverse, n = res
+    # dx[t] = sum over the pairs p of token t (p // k == t) of g at the row p went to
+    dx = g.at[inverse].get(mode="promise_in_bounds", unique_indices=True)
+    dx = dx.reshape(n, k, *g.shape[1:]).sum(1)
+    return dx, None, None  # order and inverse are integers
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    """inverse[order[j]] = j (a scatter of int32 [N], cheap unlike row scatters)."""
+    iota = jnp.arange(order.shape[0], dtype=order.dtype)
+    return jnp.zeros_like(order).at[order].set(iota, unique_indices=True)
+
+
 def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ...],
                token_axes: tuple[str, ...], transport: str):
     def body(x, idx, weights, w_gate, w_up, w_down):
@@ -145,8 +183,9 @@ def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ..
         # 1. sort local token-expert pairs by (global) expert
         flat_expert = idx.reshape(-1)
         order = jnp.argsort(flat_expert, stable=True)
+        inverse = inverse_permutation(order)
         row_expert = flat_expert[order]
-        rows = x[order // k]
+        rows = take_rows(x, order, inverse, k)  # rows[j] = x[order[j] // k]
         dest = row_expert // e_local
         send_sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
         send_starts = jnp.cumsum(send_sizes) - send_sizes
@@ -160,20 +199,25 @@ def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ..
                 row_expert % e_local)[:-1]  # e_local marks an empty slot
             recv = _a2a(buf.reshape(ep, cap, h)).reshape(ep * cap, h)
             recv_expert = _a2a(tag.reshape(ep, cap)).reshape(ep * cap)
+            # 3. local experts over the received rows sorted by local expert; empties last
+            local_order = jnp.argsort(recv_expert, stable=True)
+            local_inverse = inverse_permutation(local_order)
+            group_sizes = jnp.bincount(recv_expert, length=e_local).astype(jnp.int32)
         else:
             counts_local = jnp.bincount(flat_expert, length=ep * e_local).astype(jnp.int32)
             recv, layout = _ragged_exchange(rows, counts_local, ep=ep, buffer_rows=cap)
             recv_expert = layout["recv_expert"]
             kept = rank < layout["send_sizes"][dest]
-        # 3. local experts over the received rows sorted by local expert; empties last
-        local_order = jnp.argsort(recv_expert, stable=True)
-        group_sizes = jnp.bincount(recv_expert, length=e_local).astype(jnp.int32)
-        y_sorted, _ = local_ffn(recv[local_order],
+            # 3. the same, with the order computed from the exchanged counts (no sort)
+            local_inverse = layout["local_position"]
+            local_order = inverse_permutation(local_inverse)
+            group_sizes = layout["local_group_sizes"]
+        y_sorted, _ = local_ffn(take_rows(recv, local_order, local_inverse),
                                 jnp.minimum(recv_expert[local_order], e_local - 1),
                                 group_sizes, w_gate, w_up, w_down, None)
         if tp_axes:  # each tensor shard computed a slice of the expert width
             y_sorted = jax.lax.psum(y_sorted, tp_axes)
-        y_recv = jnp.zeros_like(y_sorted).at[local_order].set(y_sorted)
+        y_recv = take_rows(y_sorted, local_inverse, local_order)  # back to buffer order
         # 4. send results back, unsort, mix
         if transport == "a2a":
             back = _a2a(y_recv.reshape(ep, cap, h)).reshape(ep * cap, h)
@@ -181,7 +225,7 @@ def _make_body(local_ffn: LocalFfn, *, ep: int, cap: int, tp_axes: tuple[str, ..
         else:
             y_rows = _ragged_return(y_recv, layout, n * k)
             y_rows = jnp.where(kept[:, None], y_rows, 0)
-        y_pairs = jnp.zeros_like(y_rows).at[order].set(y_rows).reshape(n, k, h)
+        y_pairs = take_rows(y_rows, inverse, order).reshape(n, k, h)  # pair order
         y = jnp.einsum("nkh,nk->nh", y_pairs.astype(jnp.float32), weights.astype(jnp.float32))
         dropped = jax.lax.psum(jnp.sum(~kept).astype(jnp.int32), token_axes)
         return y, dropped
@@ -209,7 +253,12 @@ def ragged_layout(counts: jax.Array, me: jax.Array, buffer_rows: int):
       recv_starts [EP]  where device i's run starts in my buffer
       recv_sizes  [EP]  rows I receive from device i
       back_offsets [EP] where device i's run started in i's sorted rows (for the return)
-      recv_expert [buffer_rows] local expert of each buffer row (E/EP = empty)."""
+      recv_expert [buffer_rows] local expert of each buffer row (E/EP = empty)
+      local_position [buffer_rows] where each buffer row goes when the rows are sorted by
+                   local expert (stable: by source device, then as sent), empties last
+      local_group_sizes [E/EP] rows per local expert.
+    Each sender's run is sorted by expert, so a row's place in the local-expert order is
+    arithmetic on the counts: no sort of the buffer."""
     ep, e = counts.shape
     e_local = e // ep
     by_expert = counts.reshape(ep, ep, e_local)
@@ -220,15 +269,29 @@ def ragged_layout(counts: jax.Array, me: jax.Array, buffer_rows: int):
     recv_starts, recv_sizes = starts_in_receiver[:, me], accepted[:, me]
     # local expert of buffer row r: find its source block i, then its run inside i's block
     r = jnp.arange(buffer_rows, dtype=jnp.int32)
-    block = jnp.clip(jnp.searchsorted(recv_starts + recv_sizes, r, side="right"), 0, ep - 1)
+    # EP sorted ends: compare all (no binary-search loop to compile for every row)
+    block = jnp.clip(jnp.searchsorted(recv_starts + recv_sizes, r, side="right",
+                                      method="compare_all"), 0, ep - 1)
     inside = r - recv_starts[block]
     run_ends = jnp.cumsum(by_expert[:, me, :], axis=1)  # [i, e_local]
     expert = jnp.sum(inside[:, None] >= run_ends[block], axis=1).astype(jnp.int32)
-    real = r < jnp.sum(recv_sizes)
+    total = jnp.sum(recv_sizes)
+    real = r < total
+    # rows of source i's run for local expert e that fit the buffer (a cut run keeps a
+    # prefix, which covers the first experts' runs)
+    run_starts = run_ends - by_expert[:, me, :]  # [i, e_local], inside i's run
+    kept = jnp.clip(recv_sizes[:, None] - run_starts, 0, by_expert[:, me, :])
+    group_sizes = kept.sum(0)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes  # [e_local]
+    before = jnp.cumsum(kept, axis=0) - kept  # [i, e_local]: rows of e from sources < i
+    e = jnp.minimum(expert, e_local - 1)
+    position = (group_starts[e] + before[block, e] + inside - run_starts[block, e])
     return {"send_starts": starts_in_sender[me], "send_sizes": accepted[me],
             "out_offsets": starts_in_receiver[me], "recv_starts": recv_starts,
             "recv_sizes": recv_sizes, "back_offsets": starts_in_sender[:, me],
-            "recv_expert": jnp.where(real, expert, e_local)}
+            "recv_expert": jnp.where(real, expert, e_local),
+            "local_position": jnp.where(real, position, r).astype(jnp.int32),
+            "local_group_sizes": group_sizes.astype(jnp.int32)}
 
 
 def _ragged_exchange(rows, counts_local, *, ep, buffer_rows):

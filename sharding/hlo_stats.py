@@ -119,8 +119,11 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     Collectives inside a `while` body (the layer scan) count once per trip
     (`known_trip_count`). Bytes sent with ring algorithms, from the per-device result size
     S and the group size n: all-gather S(n-1)/n, reduce-scatter S(n-1) (S is the scattered
-    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S."""
+    result), all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S;
+    ragged-all-to-all (n-1)/n of the smaller of its input and output (the real rows, which
+    at balanced routing all leave the device)."""
     comps, mult = _run_counts(hlo)
+    types = _instructions(hlo)[1] if "ragged-all-to-all" in hlo else {}
     out: dict[str, float] = defaultdict(float)
     for name, lines in comps.items():
         for line in lines:
@@ -129,6 +132,14 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
             if not m:
                 continue
             kind, size = m.group(3), _shape_bytes(m.group(2))
+            if kind == "ragged-all-to-all":
+                # Only real rows move, and a device sends at most its input and receives at
+                # most its output buffer: the smaller of the two (the dispatch's input is
+                # the device's own token-expert rows, the return's output the same rows;
+                # the other side is the padded receive buffer).
+                operand = re.search(r"ragged-all-to-all\(%?([\w.\-]+)", line)
+                if operand and operand.group(1) in types:
+                    size = min(size, _shape_bytes(types[operand.group(1)]))
             if m.group(4):  # async start: result tuple holds (operand, result); keep result
                 size = _shape_bytes(m.group(2).rsplit(",", 1)[-1]) if kind != "all-reduce" \
                     else size / 2
@@ -140,3 +151,132 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
                       "ragged-all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
             out[kind] += mult.get(name, 0.0) * size * factor
     return dict(out)
+
+
+# ------------------------------------------------------------ FLOPs and HBM traffic
+_DEF = re.compile(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+# Instructions that move no data of their own (views, tuples, control flow whose bodies are
+# counted separately) or whose traffic is the interconnect's (collectives).
+_NO_HBM = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+           "conditional", "call", "after-all", "partition-id", "replica-id", "copy-done",
+           "opt-barrier", "add-dependency", "domain"}
+
+
+def _instructions(hlo: str):
+    """(computation, name, result type text, opcode, operand names, rest of line) of every
+    instruction, and name -> result type text."""
+    comps, _ = _run_counts(hlo)
+    out, types = [], {}
+    for comp, lines in comps.items():
+        for line in lines:
+            m = _DEF.match(line)
+            if not m:
+                continue
+            name, rtype, op, rest = m.groups()
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            out.append((comp, name, rtype, op, operands, rest))
+            types[name] = rtype
+    return out, types
+
+
+def _dims(rtype: str) -> list[int]:
+    m = re.search(r"\b[a-z]+\d*\[([\d,]*)\]", rtype)
+    return [int(d) for d in filter(None, m.group(1).split(","))] if m else []
+
+
+def _matmul_flops(op: str, rtype: str, operands: list[str], rest: str,
+                  types: dict[str, str]) -> float:
+    """2 x output elements x contracted elements of one dot / convolution."""
+    out = 1
+    for d in _dims(rtype):
+        out *= d
+    lhs = _dims(types.get(operands[0], "")) if operands else []
+    if op == "dot":
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        contracted = 1
+        for i in filter(None, (m.group(1) if m else "").split(",")):
+            contracted *= lhs[int(i)] if int(i) < len(lhs) else 1
+        return 2.0 * out * contracted
+    # convolution, dim_labels like bf_io->bf or 0b1f2_0o12i->01bf2: the TPU compiler
+    # writes dots as convolutions whose spatial dimensions (digits) are the dot's batch
+    # dimensions, one valid window tap per output element (GLM has no true convolution), so
+    # contracted = the input feature dimension (per feature group).
+    m = re.search(r"dim_labels=([\w]+)_([\w]+)->", rest)
+    if not m or not lhs or "f" not in m.group(1):
+        return 0.0
+    contracted = lhs[m.group(1).index("f")]
+    groups = re.search(r"feature_group_count=(\d+)", rest)
+    contracted //= int(groups.group(1)) if groups else 1
+    return 2.0 * out * contracted
+
+
+def matmul_flops(hlo: str, per_trip: bool = True) -> float:
+    """FLOPs per step of the XLA dots and convolutions (matmuls lowered by the compiler;
+    Pallas kernels are not in it: `kernel_flops`), loop bodies once per trip. With
+    per_trip=False each instruction once, as the TPU cost analysis counts."""
+    _, mult = _run_counts(hlo)
+    insts, types = _instructions(hlo)
+    total = 0.0
+    for comp, _, rtype, op, operands, rest in insts:
+        if op in ("dot", "convolution"):
+            total += (mult.get(comp, 0.0) if per_trip else 1.0) * \
+                _matmul_flops(op, rtype, operands, rest, types)
+    return total
+
+
+def hbm_bytes(hlo: str, per_trip: bool = True) -> float:
+    """Bytes per step that the top-level instructions (fusions, kernels, copies; not what
+    runs inside a fusion, which stays on chip) read and write: operands + results, loop
+    bodies once per trip. Collectives are left out (they are the interconnect's traffic,
+    `collective_bytes`). A roofline's memory term; the TPU keeps some buffers in on-chip
+    memory, so this is an upper bound of HBM traffic."""
+    comps, mult = _run_counts(hlo)
+    insts, types = _instructions(hlo)
+    fused = set()
+    for comp, _, _, op, _, rest in insts:
+        if op == "fusion":
+            fused.update(re.findall(r"calls=%?([\w.\-]+)", rest))
+    total = 0.0
+    for comp, _, rtype, op, operands, rest in insts:
+        if comp in fused or op in _NO_HBM or any(op.startswith(c) for c in COLLECTIVES):
+            continue
+        size = _shape_bytes(rtype) + sum(_shape_bytes(types.get(o, "")) for o in operands)
+        total += (mult.get(comp, 0.0) if per_trip else 1.0) * size
+    return total
+
+
+# Matmuls per visited [block_q, block_kv] tile of the splash attention kernels (per head):
+# forward q k^T and p v; dq recomputes q k^T, then dO v^T and dS k; dkv recomputes q k^T,
+# then dO v^T, p^T dO and dS^T q.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def splash_flops(hlo: str, per_trip: bool = True) -> float:
+    """FLOPs per step of the Pallas splash attention kernels, which declare none: for each
+    call, 2 x block_q x block_kv x head_dim per matmul (`_SPLASH_MATMULS`) over the causal
+    tiles nb (nb + 1) / 2 of its nb x nb block grid, for every head (and batch row) of its
+    query operand [..., heads, T, head_dim]. Assumes the causal mask (glm_jax's only one)."""
+    comps, mult = _run_counts(hlo)
+    total = 0.0
+    for comp, lines in comps.items():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT\s+)?%?splash_mha_(fwd|dq|dkv)\w*", line)
+            layouts = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
+            if not m or not layouts:
+                continue
+            shapes = [[int(d) for d in filter(None, dims.split(","))]
+                      for dims in re.findall(r"\[([\d,]*)\]", layouts.group(1))]
+            grid = next((s for s in shapes if len(s) == 3 and s[1] == s[2]), None)
+            query = next((s for s in shapes if len(s) >= 3 and s[-1] >= 64 and s[-2] > s[-1]),
+                         None)
+            if grid is None or query is None:
+                continue
+            nb, t, d = grid[1], query[-2], query[-1]
+            rows = 1
+            for x in query[:-2]:
+                rows *= x
+            block = t // nb
+            flops = (2.0 * block * block * d * _SPLASH_MATMULS[m.group(1)] * rows
+                     * nb * (nb + 1) / 2)
+            total += (mult.get(comp, 0.0) if per_trip else 1.0) * flops
+    return total

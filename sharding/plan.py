@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 
 # COLLECTIVES and collective_bytes are also imported from here (bench/sharded_step.py, tests)
-from sharding.hlo_stats import COLLECTIVES, collective_bytes, kernel_flops  # noqa: F401
+from sharding.hlo_stats import (COLLECTIVES, collective_bytes, hbm_bytes,  # noqa: F401
+                                kernel_flops, matmul_flops, splash_flops)
 
 GiB = 1024 ** 3
 
@@ -43,7 +44,7 @@ class Plan:
     code: float
     total: float  # arguments + temp + outputs not aliased to arguments
     collectives: dict[str, float]  # kind -> bytes per device per step (see collective_bytes)
-    compile_seconds: float
+    compile_seconds: float  # wall: trace + lower + XLA compile
     step_seconds: float | None = None  # measured median, only with --run-steps
     flops: float = 0.0  # per device per step, the compiler's cost analysis
     analytic_flops: float = 0.0  # per device per step, glm_jax.train.metrics.flops_per_token
@@ -51,6 +52,13 @@ class Plan:
     kernel_flops: dict[str, float] | None = None  # per device, as Pallas kernels declare
     kernel_flops_once: dict[str, float] | None = None  # the same, loop bodies counted once
     grouped_matmul_fill: float = 1.0  # mean real rows / static rows of the expert buffers
+    lower_seconds: float = 0.0  # wall: tracing the step and lowering it to StableHLO
+    compile_cpu_seconds: float = 0.0  # process CPU time (all threads) of trace + compile
+    # From the HLO, loop bodies once per trip (the cost analysis counts them once):
+    matmul_flops: float = 0.0  # per device per step, XLA's dots and convolutions
+    attention_kernel_flops: float = 0.0  # the splash kernels' (they declare none)
+    hbm_bytes: float = 0.0  # operands + results of the top-level ops (an upper bound)
+    compiler_bytes: float = 0.0  # the cost analysis's "bytes accessed" (bodies once)
 
     @property
     def flops_at_real_rows(self) -> float:
@@ -63,6 +71,47 @@ class Plan:
         declared = sum(v for k, v in (self.kernel_flops_once or {}).items()
                        if k in ("gmm", "tgmm"))  # counted as `flops` counts them
         return self.flops - (1.0 - self.grouped_matmul_fill) * declared
+
+    @property
+    def executed_flops(self) -> float:
+        """FLOPs per device per step the chip executes, every loop trip counted: XLA's
+        matmuls, the splash kernels, and the grouped-matmul kernels at their real rows
+        (elementwise work left out). Includes rematerialization, unlike analytic_flops."""
+        kernels = self.kernel_flops or {}
+        grouped = sum(v for k, v in kernels.items() if k in ("gmm", "tgmm"))
+        other = sum(v for k, v in kernels.items() if k not in ("gmm", "tgmm"))
+        return (self.matmul_flops + self.attention_kernel_flops
+                + self.grouped_matmul_fill * grouped + other)
+
+
+@dataclass
+class StepEstimate:
+    """A roofline estimate of one step's time on a chip, from the compiled program's own
+    counts (not a measurement; the TPU cost model gives none for a train step)."""
+    compute: float  # executed FLOPs / peak bf16 FLOP/s
+    hbm: float  # HBM bytes / HBM bandwidth
+    collectives: dict[str, float]  # kind -> bytes sent / one torus axis's ring bandwidth
+    overlapped: float  # max(compute, hbm, all collectives): everything overlaps
+    serial: float  # max(compute, hbm) + all collectives: no collective overlaps
+    mfu_overlapped: float  # analytic model FLOPs / (seconds x peak)
+    mfu_serial: float
+
+
+def step_estimate(plan: Plan, chip) -> StepEstimate:
+    """`plan` on `chip` (sharding.topology.Chip). Every collective is priced as a ring
+    along one torus axis (two of the chip's ports; an axis spanning several torus
+    dimensions would have more), so the collective terms are upper bounds; so is the HBM
+    term (see hlo_stats.hbm_bytes), while compute at the bf16 peak is a lower bound."""
+    compute = plan.executed_flops / chip.peak_bf16_flops
+    hbm = plan.hbm_bytes / chip.hbm_bytes_per_second
+    coll = {k: v / chip.ring_bytes_per_second for k, v in plan.collectives.items()}
+    comm = sum(coll.values())
+    overlapped, serial = max(compute, hbm, comm), max(compute, hbm) + comm
+
+    def mfu(seconds: float) -> float:
+        return plan.analytic_flops / seconds / chip.peak_bf16_flops if seconds else 0.0
+
+    return StepEstimate(compute, hbm, coll, overlapped, serial, mfu(overlapped), mfu(serial))
 
 
 # ------------------------------------------------------------------------ compiling
@@ -117,9 +166,14 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     tok = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32,
                                sharding=trainer.batch_sharding)
     batch = {"tokens": tok, "positions": tok, "segment_ids": tok}
-    t0 = time.perf_counter()
-    compiled = trainer.lower(batch).compile()
+    # Wall time depends on what else runs on the host; process CPU time (all threads) less
+    # so. Tracing + lowering is Python (flax, JAX), the rest is the XLA compiler.
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    lowered = trainer.lower(batch)
+    lower_seconds = time.perf_counter() - t0
+    compiled = lowered.compile()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
     if show_hlo:
@@ -164,6 +218,7 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
     optimal = cost.get("optimal_seconds")
+    tpu = mesh_platform(mesh) == "tpu"
     return Plan(params=p, opt_state=o, other_state=b, temp=float(mem.temp_size_in_bytes),
                 code=float(mem.generated_code_size_in_bytes),
                 total=float(args + mem.temp_size_in_bytes + out - alias),
@@ -174,7 +229,12 @@ def compile_plan(model_cfg, mesh_axes: dict[str, int], *, seq_len: int, global_b
                 cost_model_seconds=float(optimal) if optimal and optimal > 0 else None,
                 kernel_flops=kernel_flops(hlo),
                 kernel_flops_once=kernel_flops(hlo, per_trip=False),
-                grouped_matmul_fill=min(1.0, fill))
+                grouped_matmul_fill=min(1.0, fill), lower_seconds=lower_seconds,
+                compile_cpu_seconds=cpu_seconds,
+                matmul_flops=matmul_flops(hlo) if tpu else 0.0,
+                attention_kernel_flops=splash_flops(hlo) if tpu else 0.0,
+                hbm_bytes=hbm_bytes(hlo) if tpu else 0.0,
+                compiler_bytes=float(cost.get("bytes accessed", 0.0)))
 
 
 def _prod(values) -> int:
@@ -203,12 +263,19 @@ def extrapolate(a: Plan, la: int, b: Plan, lb: int, target: int) -> Plan:
                 kernel_flops={k: line((a.kernel_flops or {}).get(k, 0.0),
                                       (b.kernel_flops or {}).get(k, 0.0))
                               for k in set(a.kernel_flops or {}) | set(b.kernel_flops or {})},
-                grouped_matmul_fill=a.grouped_matmul_fill)
+                grouped_matmul_fill=a.grouped_matmul_fill,
+                lower_seconds=a.lower_seconds + b.lower_seconds,
+                compile_cpu_seconds=a.compile_cpu_seconds + b.compile_cpu_seconds,
+                matmul_flops=line(a.matmul_flops, b.matmul_flops),
+                attention_kernel_flops=line(a.attention_kernel_flops,
+                                            b.attention_kernel_flops),
+                hbm_bytes=line(a.hbm_bytes, b.hbm_bytes),
+                compiler_bytes=line(a.compiler_bytes, b.compiler_bytes))
 
 
-def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
-                peak_flops: float | None = None) -> str:
-    """peak_flops: the chip's dense bf16 FLOP/s, for the MFU the cost model implies."""
+def format_plan(plan: Plan, title: str, hbm_gib: float | None = None, chip=None) -> str:
+    """chip: the TPU chip (sharding.topology.Chip) for the step-time estimate and MFU."""
+    peak_flops = chip.peak_bf16_flops if chip else None
     rows = [("parameters", plan.params), ("optimizer state", plan.opt_state),
             ("router biases + counters", plan.other_state),
             ("temporaries (activations)", plan.temp),
@@ -243,7 +310,26 @@ def format_plan(plan: Plan, title: str, hbm_gib: float | None = None,
             mfu = plan.analytic_flops / plan.cost_model_seconds / peak_flops
             lines.append(f"  implied MFU at {peak_flops / 1e12:.0f} TFLOP/s (estimate): "
                          f"{100 * mfu:.1f}%")
-    lines.append(f"  (compile {plan.compile_seconds:.0f} s)")
+    if chip is not None and plan.executed_flops:
+        est = step_estimate(plan, chip)
+        lines.append(f"  executed FLOPs per device (every trip; XLA matmuls "
+                     f"{plan.matmul_flops:.4g} + splash {plan.attention_kernel_flops:.4g} + "
+                     f"grouped matmuls at real rows): {plan.executed_flops:.4g} = "
+                     f"{plan.executed_flops / plan.analytic_flops:.2f}x analytic")
+        lines.append(f"  HBM bytes of the top-level ops (every trip) {plan.hbm_bytes / GiB:.1f}"
+                     f" GiB; the cost analysis (bodies once) {plan.compiler_bytes / GiB:.1f} GiB")
+        lines.append(f"  step time, ROOFLINE ESTIMATE on {chip.generation} "
+                     f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, HBM "
+                     f"{chip.hbm_bytes_per_second / 1e9:.0f} GB/s, ring "
+                     f"{chip.ring_bytes_per_second / 1e9:.0f} GB/s per collective):")
+        lines.append(f"    compute {est.compute:.3f} s, HBM {est.hbm:.3f} s, collectives "
+                     + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(est.collectives.items())))
+        lines.append(f"    all overlapped {est.overlapped:.3f} s (MFU "
+                     f"{100 * est.mfu_overlapped:.1f}%), collectives not overlapped {est.serial:.3f} s (MFU "
+                     f"{100 * est.mfu_serial:.1f}%)")
+    lines.append(f"  (compile {plan.compile_seconds:.0f} s wall, of which trace + lower "
+                 f"{plan.lower_seconds:.0f} s; {plan.compile_cpu_seconds:.0f} s CPU; load "
+                 f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     if plan.step_seconds is not None:
         lines.append(f"  train step, median: {plan.step_seconds:.3f} s")
     return "\n".join(lines)
@@ -326,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(args.config):
         fail(PROG, f"--config {args.config}: no such file (the config files are in configs/)")
     hbm_gib = args.hbm_gib or (target.chip.hbm_gib if target else 95.0)
-    peak = target.chip.peak_bf16_flops if target else None
+    chip = target.chip if target else None
     # Simulated devices must be requested before jax initialises its backend. XLA:CPU's
     # default (concurrency-optimized) scheduler starts data-independent work such as the
     # zero buffers of scatters as early as possible, so they stay live across the whole
@@ -384,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
                             micro_batches=args.micro_batches, show_hlo=args.dump_hlo,
                             run_steps=args.run_steps, devices=devices)
         print(format_plan(plan, f"measured on {where}, {moe_layers} MoE layers, per device:",
-                          peak_flops=peak), flush=True)
+                          chip=chip), flush=True)
         return plan
 
     la = args.layers if args.layers is not None else real
@@ -393,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         b = run(args.extrapolate)
         print(format_plan(extrapolate(a, la, b, args.extrapolate, real),
                           f"extrapolated linearly to {real} MoE layers, per device:",
-                          hbm_gib, peak))
+                          hbm_gib, chip))
     elif la == real:
         print(f"  fits {hbm_gib} GiB: {'yes' if a.total <= hbm_gib * GiB else 'NO'}")
 

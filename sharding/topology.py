@@ -23,12 +23,24 @@ class Chip:
     peak_bf16_flops: float  # per chip, dense bf16 FLOP/s
     cores_per_chip_in_name: int  # v5p-N counts TensorCores, N = 2 x chips
     chip_config_name: str  # "megacore": one JAX device per v5p chip (both TensorCores)
+    hbm_bytes_per_second: float  # per chip
+    ici_bytes_per_second: float  # per chip, all ports, both directions
+    ici_ports: int  # 6 on a 3-D torus, 4 on a 2-D torus
+
+    @property
+    def ring_bytes_per_second(self) -> float:
+        """What one device sends per second in a bidirectional ring along one torus axis:
+        two of its ports, one direction each."""
+        return self.ici_bytes_per_second / self.ici_ports
 
 
+# Cloud TPU's published per-chip figures (the "System architecture" tables of the v5p, v6e
+# and v5e pages of cloud.google.com/tpu/docs): bf16 peak, HBM capacity and bandwidth,
+# bidirectional ICI bandwidth and ports.
 CHIPS = {
-    "v5p": Chip("v5p", 95.0, 459e12, 2, "megacore"),
-    "v6e": Chip("v6e", 32.0, 918e12, 1, "default"),
-    "v5e": Chip("v5e", 16.0, 197e12, 1, "default"),
+    "v5p": Chip("v5p", 95.0, 459e12, 2, "megacore", 2765e9, 1200e9, 6),
+    "v6e": Chip("v6e", 32.0, 918e12, 1, "default", 1638e9, 800e9, 4),
+    "v5e": Chip("v5e", 16.0, 197e12, 1, "default", 819e9, 400e9, 4),
 }
 
 # Physical slice shapes by chip count (3-D torus for v5p, 2-D for v6e/v5e).

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from glm_jax.config import GlmConfig  # noqa: E402
 from sharding.expert_parallel import ragged_layout, receive_buffer_rows  # noqa: E402
+from sharding.hlo_stats import matmul_flops  # noqa: E402
 from sharding.mesh import make_mesh, mesh_platform  # noqa: E402
 from sharding.topology import libtpu_available, parse_target, tpu_devices  # noqa: E402
 
@@ -76,6 +77,18 @@ def test_ragged_layout_replays_to_the_right_rows(buffer_factor):
         assert (recv[j][:total, 2] // e_local == j).all(), "row at the wrong device"
         np.testing.assert_array_equal(lay["recv_expert"][:total], recv[j][:total, 2] % e_local)
         assert (lay["recv_expert"][total:] == e_local).all()
+        # the local-expert order, computed from the counts: a permutation of the buffer that
+        # sorts the real rows by local expert, stably (by source, then as sent), empties last
+        pos = lay["local_position"]
+        np.testing.assert_array_equal(np.sort(pos), np.arange(buf))
+        ordered = np.full((buf, 3), -1)
+        ordered[pos] = recv[j]
+        np.testing.assert_array_equal(
+            ordered[:total], recv[j][:total][np.argsort(recv[j][:total, 2] % e_local,
+                                                        kind="stable")])
+        np.testing.assert_array_equal(lay["local_group_sizes"],
+                                      np.bincount(recv[j][:total, 2] % e_local,
+                                                  minlength=e_local))
     sent = counts.reshape(ep, ep, e_local).sum(-1)
     if buffer_factor is None:
         assert kept == n * k * ep, "dropless buffer dropped rows"
@@ -183,6 +196,12 @@ def test_train_step_compiles_for_tpu_with_the_accelerator_moe_path(tpu_step, cap
     assert plan.flops_at_real_rows <= 1.2 * plan.analytic_flops, \
         (plan.flops_at_real_rows, plan.analytic_flops)
     assert "involuntary full rematerialization" not in capfd.readouterr().err
+    # The HLO-derived matmul FLOPs (the step estimate's compute term) agree with the
+    # compiler's own count: loop bodies once plus the kernels' declared FLOPs, short of it
+    # only by the elementwise work.
+    once = matmul_flops(hlo, per_trip=False) + sum(plan.kernel_flops_once.values())
+    assert 0.75 * plan.flops <= once <= plan.flops, (once, plan.flops)
+    assert plan.executed_flops > 0 and plan.hbm_bytes > 0
 
 
 @needs_libtpu
