@@ -12,12 +12,12 @@ from bench.device_check import main  # noqa: E402
 def test_device_check_smoke_on_cpu(capsys):
     code = main(["--config", "tiny", "--layers", "2", "--platform", "cpu", "--batch", "1",
                  "--seq", "32", "--parity-batch", "1", "--parity-seq", "16", "--repeats", "1",
-                 "--prompt-len", "8", "--new-tokens", "3", "--backends", "ragged_dot,buckets"])
+                 "--prompt-len", "8", "--new-tokens", "3", "--backends", "ragged_dot"])
     out = capsys.readouterr().out
     assert code == 0, out
-    rows = [line for line in out.splitlines() if line.startswith("| ragged_dot |")
-            or line.startswith("| buckets |")]
-    assert len(rows) == 2 and all("| ok |" in r for r in rows), out
+    # One backend keeps the test short; it is checked against the config's own (buckets).
+    rows = [line for line in out.splitlines() if line.startswith("| ragged_dot |")]
+    assert len(rows) == 1 and "| ok |" in rows[0], out
     assert "tokens/s plain" in out and "with MTP" in out
 
 
