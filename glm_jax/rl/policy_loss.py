@@ -75,7 +75,8 @@ class PolicyGradientLoss:
             if key not in batch:
                 raise KeyError(f"PolicyGradientLoss needs batch[{key!r}]; see glm_jax.rl."
                                "policy_loss for the batch layout")
-        mask = batch["loss_mask"].at[:, 0].set(0)  # nothing predicts the first token
+        # Nothing predicts the first token. As bool, so any mask dtype (bool, int, float) works.
+        mask = (batch["loss_mask"] != 0).at[:, 0].set(False)
         return dict(batch, loss_weights=objective.token_loss_weights(mask, self.loss_agg))
 
     def __call__(self, out: Any, batch: Batch) -> tuple[jax.Array, objective.Metrics]:
