@@ -51,6 +51,18 @@ def mesh_axes_for(name: str | None, mesh_shape: dict[str, int]) -> tuple[str, ..
     return tuple(a for a in RULES[name] if mesh_shape.get(a, 1) > 1)
 
 
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Where a batch's arrays live on `mesh`: rows (the leading axis) split over the mesh
+    axes of the logical `batch` axis, every other axis whole."""
+    return NamedSharding(mesh, PartitionSpec(mesh_axes_for("batch", dict(mesh.shape)) or None))
+
+
+def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a batch (host arrays) -> the global batch of jax.Arrays laid out
+    by `sharding` (every process passes its own rows, as from a per-process data loader)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
 def partition_spec(axes: tuple[str | None, ...], mesh: jax.sharding.Mesh,
                    shape: tuple[int, ...] | None = None) -> PartitionSpec:
     """PartitionSpec for logical `axes` on `mesh`: mesh axes absent from the mesh (or of

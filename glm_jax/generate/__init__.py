@@ -44,7 +44,7 @@ from flax import nnx
 from glm_jax.kv_cache import KVCache, init_cache
 from glm_jax.model.transformer import GlmForCausalLM
 
-__all__ = ["GenerateOutput", "generate", "sample"]
+__all__ = ["GenerateOutput", "generate", "sample", "scale_by_temperature"]
 
 
 @dataclasses.dataclass
@@ -111,8 +111,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _scaled(logits: jax.Array, temperature: jax.Array) -> jax.Array:
-    """logits [B, ..., V] / each row's temperature [B] in float32 (1 for greedy rows)."""
+def scale_by_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """logits [B, ..., V] / each row's temperature [B], in float32; a greedy row (temperature
+    0) is scored at temperature 1. The one rule for the distribution a row's tokens are
+    scored under, shared by the sampler's log-probabilities and the RL trainer's."""
     t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
     return logits.astype(jnp.float32) / t.reshape(t.shape + (1,) * (logits.ndim - 1))
 
@@ -123,7 +125,7 @@ def _draw(logits: jax.Array, key: jax.Array, s: _Sampling, temperature: jax.Arra
     is 0), and their log-probabilities [B, ...] float32 under softmax(logits / T), before
     top-k / top-p (the distribution the trainer recomputes)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = _scaled(logits, temperature)
+    scaled = scale_by_temperature(logits, temperature)
     if s.greedy:
         token = greedy
     else:  # the row's scaled logits at temperature 1: the same values `sample` divides to

@@ -48,6 +48,7 @@ from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
 from glm_jax.train.trainer import Trainer, TrainState, make_trainer
+from sharding import rules
 from sharding.mesh import make_mesh
 
 
@@ -303,10 +304,6 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         results = rewards_mod.score(reward_fn, examples, completions)
         return ScoredRound(out, prompts, results, rollout_seconds, time.perf_counter() - start)
 
-    def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-                for k, v in batch.items()}
-
     records: list[dict[str, Any]] = []
     stopped_by = None
     first = rl.step
@@ -328,7 +325,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             digest = batch_digest(batch)
             train_start = time.perf_counter()
             if r.recompute_logprobs:
-                batch["old_logprobs"] = np.asarray(logprobs_fn(state, to_device(batch)))
+                batch["old_logprobs"] = np.asarray(logprobs_fn(
+                    state, rules.global_batch(batch, trainer.batch_sharding)))
             else:
                 batch["old_logprobs"] = batch["rollout_logprobs"]
             logprob_seconds = time.perf_counter() - train_start
@@ -338,7 +336,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                 part = {k: v[u * rows:(u + 1) * rows] for k, v in batch.items()}
                 part["eps_low"] = np.full(rows, float(clip.eps_low), np.float32)
                 part["eps_high"] = np.full(rows, float(clip.eps_high), np.float32)
-                state, m = trainer.step(state, to_device(part))
+                state, m = trainer.step(state,
+                                        rules.global_batch(part, trainer.batch_sharding))
                 m = jax.device_get(m)
                 step_metrics.append(m)
                 clip = adaptive.update(clip, m["clip_frac_low"], m["clip_frac_high"])

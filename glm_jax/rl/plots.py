@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from glm_jax.train.metrics import read_metrics
+from glm_jax.train.metrics import read_metrics, save_figure
 
 
 def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
@@ -70,8 +70,6 @@ def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
             ax.legend(fontsize="small", loc="upper left")
     fig.suptitle(f"{os.path.basename(os.path.normpath(workdir))}: RL (step {steps[-1]})")
     fig.tight_layout()
-    path = os.path.join(workdir, "rl_curves.png")
-    fig.savefig(path + ".tmp.png", dpi=90)
-    os.replace(path + ".tmp.png", path)
+    path = save_figure(fig, os.path.join(workdir, "rl_curves.png"), dpi=90)
     plt.close(fig)
     return path

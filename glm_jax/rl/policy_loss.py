@@ -29,6 +29,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from glm_jax.generate import scale_by_temperature
 from glm_jax.rl import objective
 
 Batch = dict[str, jax.Array]
@@ -42,9 +43,8 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
     temperature: [B] (optional): p = softmax(logits / temperature of the row), the
     distribution a sampler at that temperature draws from (temperature 0, greedy: 1)."""
     logits = logits[:, :-1].astype(jnp.float32)
-    if temperature is not None:  # a greedy row (temperature 0) is scored at temperature 1
-        temperature = temperature.astype(jnp.float32)
-        logits = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
+    if temperature is not None:
+        logits = scale_by_temperature(logits, temperature)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp) * logp).sum(axis=-1)

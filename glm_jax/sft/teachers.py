@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from glm_jax.checkpoint_source import ResolvedCheckpoint, resolve_checkpoint
 from glm_jax.cli_errors import ConfigError
@@ -74,8 +73,7 @@ class Teachers:
             graphdefs.append(graphdef)
             states.append(state)
         self.states = tuple(states)
-        batch_sharding = NamedSharding(
-            mesh, PartitionSpec(rules.mesh_axes_for("batch", dict(mesh.shape)) or None))
+        batch_sharding = rules.batch_sharding(mesh)
 
         # Only the main head's logits leave the program, so XLA drops a teacher's MTP
         # layers from it (their outputs are unused).

@@ -125,7 +125,7 @@ def make_evaluate(cfg: ml_collections.ConfigDict, tokenizer: ChatTokenizer,
 
 def plot_accuracy(workdir: str) -> str | None:
     """eval_accuracy.png: held-out accuracy per mode over the steps evaluated."""
-    from glm_jax.train.metrics import read_metrics
+    from glm_jax.train.metrics import read_metrics, save_figure
 
     records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
                if "eval/accuracy/all" in r]
@@ -148,9 +148,7 @@ def plot_accuracy(workdir: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, "eval_accuracy.png")
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    path = save_figure(fig, os.path.join(workdir, "eval_accuracy.png"))
     plt.close(fig)
     return path
 

@@ -21,6 +21,7 @@ from glm_jax.cli_errors import ConfigError
 from glm_jax.train.data import Corpus, PackedRows
 from glm_jax.train.loss import lm_loss
 from glm_jax.train.trainer import TrainState
+from sharding import rules
 
 
 def split_corpus(corpus: Corpus, eval_fraction: float) -> tuple[Corpus, Corpus | None]:
@@ -88,8 +89,7 @@ class Evaluator:
         tokens = 0.0
         with jax.set_mesh(self.sharding.mesh):
             for local in self.batches:
-                batch = {k: jax.make_array_from_process_local_data(self.sharding, v)
-                         for k, v in local.items()}
+                batch = rules.global_batch(local, self.sharding)
                 m = jax.device_get(self._loss(state.params, state.biases, batch))
                 n = float(m["tokens"])
                 tokens += n

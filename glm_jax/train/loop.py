@@ -22,6 +22,7 @@ from glm_jax.config import GlmConfig
 from glm_jax.train import checkpoint, data, evaluation, metrics, optimizer, run_config
 from glm_jax.train.progress import TrainProgress
 from glm_jax.train.trainer import make_trainer
+from sharding import rules
 from sharding.mesh import make_mesh
 
 
@@ -225,10 +226,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
               + (f"; heap {heap.describe()}" if mesh.devices.flat[0].platform == "cpu" else ""),
               flush=True)
 
-    def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-                for k, v in local.items()}
-
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
 
@@ -247,7 +244,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     with StopFlag() as stop:
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         while step < end:
-            batch = global_batch(next(data_iter))
+            batch = rules.global_batch(next(data_iter), trainer.batch_sharding)
             if batch_transform is not None:
                 batch = batch_transform(batch)
             state, m = trainer.step(state, batch)

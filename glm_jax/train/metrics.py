@@ -190,7 +190,7 @@ def plot_run(workdir: str, expert_counts: np.ndarray | None,
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        written.append(_save(fig, os.path.join(workdir, "loss_curve.png")))
+        written.append(save_figure(fig, os.path.join(workdir, "loss_curve.png")))
         plt.close(fig)
     if expert_counts is not None and expert_counts.size:
         load = expert_counts / np.maximum(expert_counts.mean(axis=-1, keepdims=True), 1e-9)
@@ -219,7 +219,7 @@ def plot_run(workdir: str, expert_counts: np.ndarray | None,
         if history:
             bottom.legend(fontsize="small")
         fig.tight_layout()
-        written.append(_save(fig, os.path.join(workdir, "expert_load.png")))
+        written.append(save_figure(fig, os.path.join(workdir, "expert_load.png")))
         plt.close(fig)
     return written
 
@@ -242,8 +242,10 @@ class RunPlots:
         return plot_run(self.workdir, expert_counts, self.layer_names)
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+    """Write a matplotlib figure to the PNG `path` through a temporary file and a rename, so
+    a viewer (or a run stopped mid-write) never sees half a file. Returns `path`."""
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     return path

@@ -155,8 +155,7 @@ def make_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     abstract = TrainState(params=params, biases=biases, opt_state=jax.eval_shape(tx.init, params),
                           step=scalar, skipped=scalar)
     abstract = placed(abstract, state_sh)
-    batch_sh = NamedSharding(mesh, PartitionSpec(rules.mesh_axes_for("batch", dict(mesh.shape))
-                                                 or None))
+    batch_sh = rules.batch_sharding(mesh)
 
     def init() -> TrainState:
         _, p, b = nnx.split(create(), nnx.Param, RouterBias)
