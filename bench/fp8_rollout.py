@@ -18,8 +18,14 @@ trainer, uncorrected (w = 1) against TIS (w = min(r, cap)), on the same batch: t
 and relative difference. The advantages are fixed random +-1 per sample (the SFT model's
 rewards on these levels are mostly all-fail groups, which would zero the estimate).
 
-Tokens/s: completion tokens per second of the whole rollout call (best of `--repeats`
-after a compiling call). On CPU this is NOT an FP8 speed-up measurement: XLA:CPU has no
+Each precision samples its own tokens, so the first columns compare different batches. The
+"same tokens" columns compare the precisions on one batch (the float32 rollout's): each
+rollout model scores it with a full forward and its own routing, the trainer rescores it
+with that routing replayed, and |difference| is taken over the completion tokens.
+
+Tokens/s: completion tokens per second of the whole rollout call (median of `--repeats`
+after a compiling call, the variants
+timed in turn). On CPU this is NOT an FP8 speed-up measurement: XLA:CPU has no
 FP8 (or bf16) matmul; it converts e4m3 and bf16 dot operands to float32 and runs a float32
 dot (printed from the compiled HLO below), so the FP8 rows show the dequantization's
 overhead. "publish s" is the time to make the rollout copy from the trainer's state (the
@@ -88,6 +94,14 @@ def pg_gradient_fn(trainer):
     return flat_grad
 
 
+@nnx.jit
+def own_scores(model, tokens, temperature):
+    """A rollout model's log-probabilities of given tokens with its own routing (a full
+    forward, as its sampler would have scored them), and that routing."""
+    out = model(tokens)
+    return token_logprobs(out.logits, tokens, temperature)[0], out.routed_experts
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="/work/runs/sft1d")
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--tis-cap", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
 
@@ -118,31 +132,42 @@ def main(argv: list[str] | None = None) -> None:
                           -1.0, 1.0).astype(np.float32)
     logprobs_fn = make_logprobs(trainer)
     pg_grad = pg_gradient_fn(trainer)
-    rows = []
+    def roll(model):
+        return rollout(model, [p.ids for p in prompts], samples_per_prompt=args.samples,
+                       max_new_tokens=args.new_tokens, temperature=args.temperature,
+                       eos_ids=levels_mod.stop_ids(tokenizer), seed=0, pad_id=tokenizer.pad_id)
+
+    variants = []  # (name, RolloutWeights, model, first rollout), everything compiled
     for name, dtype, layout, compute in VARIANTS:
         weights = RolloutWeights(trainer, dtype, fp8_layout=layout, compute_dtype=compute)
-        model = weights.model(state)  # compiles the conversion
-        publish = []
-        for _ in range(args.repeats):
+        model = weights.model(state)
+        variants.append((name, weights, model, roll(model)))
+    # Timed round-robin, one call of each variant in turn, so that the load of the shared
+    # machine falls on all of them alike.
+    publish = {name: [] for name, *_ in variants}
+    speed = {name: [] for name, *_ in variants}
+    for _ in range(args.repeats):
+        for name, weights, model, _ in variants:
             start = time.perf_counter()
-            model = jax.block_until_ready(weights.model(state))
-            publish.append(time.perf_counter() - start)
+            jax.block_until_ready(weights.model(state))
+            publish[name].append(time.perf_counter() - start)
+            speed[name].append(roll(model).tokens_per_second)
 
-        def roll():
-            return rollout(model, [p.ids for p in prompts], samples_per_prompt=args.samples,
-                           max_new_tokens=args.new_tokens, temperature=args.temperature,
-                           eos_ids=levels_mod.stop_ids(tokenizer), seed=0,
-                           pad_id=tokenizer.pad_id)
-
-        r = roll()  # compiles
-        runs = [roll() for _ in range(args.repeats)]
-        tok_s = max(x.tokens_per_second for x in runs)
+    rows = []
+    shared = None  # the first variant's (float32) tokens, scored by every variant
+    for name, weights, model, r in variants:
+        tok_s = float(np.median(speed[name]))
         batch = {"tokens": r.tokens, "temperature": r.temperature,
                  "routed_experts": r.routed_experts}
         train_lp = np.asarray(logprobs_fn(state, batch))
         mask = r.completion_mask
         diff = (train_lp - r.logprobs)[mask]
         ratio = np.exp(diff)
+        shared = shared or (r.tokens, r.temperature, r.completion_mask)
+        own_lp, own_routing = own_scores(model, jnp.asarray(shared[0]), jnp.asarray(shared[1]))
+        paired_train = np.asarray(logprobs_fn(state, {
+            "tokens": shared[0], "temperature": shared[1], "routed_experts": own_routing}))
+        paired = np.abs(paired_train - np.asarray(own_lp))[shared[2]]
         gbatch = dict(batch, advantages=advantages, mask=mask.astype(np.float32))
         tis = np.where(mask, np.minimum(np.exp(train_lp - r.logprobs), args.tis_cap), 0)
         g_plain = pg_grad(state, gbatch, np.ones_like(tis, np.float32))
@@ -152,16 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, float(np.abs(diff).mean()), float(np.abs(diff).max()),
                      float(ratio.mean()), float(ratio.max()), float(ratio.min()),
                      float((ratio > args.tis_cap).mean()), cos, rel, tok_s,
-                     float(np.median(publish)), param_bytes(model) / 2**20, int(mask.sum())))
+                     float(np.median(publish[name])), param_bytes(model) / 2**20, int(mask.sum()),
+                     float(paired.mean()), float(paired.max())))
         print(rows[-1], flush=True)
 
     header = ("| rollout | mean \\|dlogp\\| | max \\|dlogp\\| | ratio mean | ratio max | "
               "ratio min | > cap | cos(g_TIS, g) | \\|g_TIS - g\\| / \\|g\\| | tokens/s | "
-              "publish s | weights MiB | tokens |\n|" + "---|" * 13)
+              "publish s | weights MiB | tokens | same tokens: mean \\|dlogp\\| | max |\n|"
+              + "---|" * 15)
     table = header + "".join(
         f"\n| {n} | {a:.2e} | {b:.2e} | {c:.4f} | {d:.3f} | {e:.3f} | {f:.2%} | {g:.6f} | "
-        f"{h:.2e} | {i:.0f} | {j:.3f} | {k:.2f} | {m} |"
-        for n, a, b, c, d, e, f, g, h, i, j, k, m in rows)
+        f"{h:.2e} | {i:.0f} | {j:.3f} | {k:.2f} | {m} | {o:.2e} | {q:.2e} |"
+        for n, a, b, c, d, e, f, g, h, i, j, k, m, o, q in rows)
     notes = (f"checkpoint {args.ckpt}; levels {args.levels}; {len(prompts)} prompts x "
              f"{args.samples} samples, up to {args.new_tokens} new tokens, temperature "
              f"{args.temperature}; trainer float32 with routing replay; TIS cap "
