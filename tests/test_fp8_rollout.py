@@ -8,11 +8,16 @@
   compute: the same bf16 weights), and every other tensor is the trainer's, untouched.
 - A rollout with the FP8 model samples log-probabilities equal to scoring its tokens with
   that dequantized model.
-- A bad config.rl.rollout_dtype / rollout_fp8_layout is one ConfigError line naming it.
+- A bad config.rl.rollout_dtype / rollout_fp8_layout is one ConfigError line naming it;
+  on the command line, one line and exit code 2 before anything is written.
 
 One trainer (the small test config on one device) is shared by the file."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ from train_config import small_config
 
 SMALL_BLOCKS = fp8.Fp8Layout("weight_scale_inv", (12, 10))  # partial edge blocks everywhere
 PROMPTS = [[5, 17, 3, 40, 8], [61, 2, 9]]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +197,14 @@ def test_rollout_dtype_model_is_the_trainers_own_weights(trainer_and_state):
     assert model.embed.get_value() is state.params["embed"].get_value()
     bf16 = RolloutWeights(trainer, "bfloat16").model(state)
     assert bf16.embed.get_value().dtype == jnp.bfloat16 and bf16.config.dtype == "bfloat16"
+
+
+def test_bad_rollout_dtype_flag_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "glm_jax.rl", "--workdir", str(tmp_path),
+                           "--config.rl.rollout_dtype=fp16"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["python -m glm_jax.rl: error: config.rl.rollout_dtype='fp16': choose from "
+                     "model, float32, bfloat16, fp8"], lines
+    assert not os.listdir(tmp_path)
