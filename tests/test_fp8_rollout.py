@@ -208,3 +208,25 @@ def test_bad_rollout_dtype_flag_is_one_line_exit_2(tmp_path):
     assert lines == ["python -m glm_jax.rl: error: config.rl.rollout_dtype='fp16': choose from "
                      "model, float32, bfloat16, fp8"], lines
     assert not os.listdir(tmp_path)
+
+
+def test_fp8_copy_keeps_the_trainers_shardings_on_a_mesh(trainer_and_state):
+    """On fsdp=2 x expert=2 (4 of the simulated devices), the codes and scales are sharded
+    as the trainer's kernel, and the logits are the one-device FP8 model's."""
+    trainer = trainer_and_state[0]
+    state = trainer.init()  # not the fixture's state: it has a zeroed expert feature
+    mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}, jax.devices()[:4])
+    config = small_config(**{"model.hidden_size": 160, "model.intermediate_size": 136})
+    sharded_trainer = make_trainer(config, mesh)
+    sharded_state = sharded_trainer.init()  # the same seed: the same weights, sharded
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 12)), jnp.int32)
+    logits = []
+    for t, s in ((trainer, state), (sharded_trainer, sharded_state)):
+        model = RolloutWeights(t, "fp8", fp8_layout="block", compute_dtype="float32").model(s)
+        with jax.set_mesh(t.mesh):
+            logits.append(np.asarray(nnx.jit(lambda m: m(ids).logits)(model)))
+    w = model.moe_layers.layers.mlp.w_gate.get_value()
+    kernel = sharded_state.params["moe_layers"]["layers"]["mlp"]["w_gate"].get_value()
+    assert w.codes.sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
+    assert not kernel.sharding.is_fully_replicated
+    np.testing.assert_allclose(logits[1], logits[0], atol=2e-5, rtol=0)
