@@ -31,9 +31,12 @@ Why not qwix: qwix's PTQ (`qwix.PtqProvider`) quantizes a weight by intercepting
 `jnp.dot` / `jnp.einsum` / `lax.dot_general` and recognizing an operand that is a module's
 parameter. Our routed experts, most of GLM-4.5's weights, reach their matmuls as per-block
 slices `w[owner]` inside a `lax.scan` (glm_jax.model.block_swiglu) or through
-`lax.ragged_dot` / the megablox kernel, neither of which its provider sees as a parameter
-use, so they would stay in bf16; its tiled (block) mode also needs every tiled axis to be
-a multiple of the tile, which the hub's partial edge blocks are not.
+`lax.ragged_dot` / the megablox kernel, which it does not see as a parameter use. Tried
+with qwix 0.1.8 (`qwix.quantize_model(model, PtqProvider([QtRule(weight_qtype=e4m3)]),
+ids)`): on one MoE block it quantized the router and the shared expert and left the
+routed experts in float32; on the whole model it stopped with an AssertionError on the
+scanned layer stacks' `layers` axis metadata. Its tiled (block) mode also needs every tiled
+axis to be a multiple of the tile, which the hub's partial edge blocks are not.
 """
 
 from __future__ import annotations
