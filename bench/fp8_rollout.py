@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                           -1.0, 1.0).astype(np.float32)
     logprobs_fn = make_logprobs(trainer)
     pg_grad = pg_gradient_fn(trainer)
+
     def roll(model):
         return rollout(model, [p.ids for p in prompts], samples_per_prompt=args.samples,
                        max_new_tokens=args.new_tokens, temperature=args.temperature,
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, float(np.abs(diff).mean()), float(np.abs(diff).max()),
                      float(ratio.mean()), float(ratio.max()), float(ratio.min()),
                      float((ratio > args.tis_cap).mean()), cos, rel, tok_s,
-                     float(np.median(publish[name])), param_bytes(model) / 2**20, int(mask.sum()),
-                     float(paired.mean()), float(paired.max())))
+                     float(np.median(publish[name])), param_bytes(model) / 2**20,
+                     int(mask.sum()), float(paired.mean()), float(paired.max())))
         print(rows[-1], flush=True)
 
     header = ("| rollout | mean \\|dlogp\\| | max \\|dlogp\\| | ratio mean | ratio max | "
