@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
         samples_per_prompt=8,  # G (slime: n_samples_per_prompt)
         max_new_tokens=32,  # non-thinking answers: ~20 tokens
         speculative="none",  # or "mtp"
+        # The rollout's weights: "model" (the trainer's, no copy), "float32", "bfloat16", or
+        # "fp8" (e4m3 Linear weights, requantized at every update; glm_jax.rl.rollout_weights)
+        rollout_dtype="model",
+        rollout_fp8_layout="channel",  # FP8 scales: "channel" (per row) or "block" (128 x 128)
         # Dynamic sampling: refill rounds of over_sampling_prompts prompts while the batch
         # lacks groups with signal, at most max_extra_prompts extra prompts per step.
         over_sampling_prompts=8,

@@ -14,5 +14,7 @@
   sampling.py     one step's rollout rounds with dynamic-sampling refill -> the trainer batch
   loop.py         the run: rollout -> reward -> batch -> updates -> weight hand-off, with
                   checkpoints, metrics and exact resume (`python -m glm_jax.rl`)
+  rollout_weights.py  the rollout's copy of the weights in its precision (rl.rollout_dtype:
+                  bf16, FP8 e4m3 per channel or block), made at every weight update
   progress.py, plots.py  the progress bar and rl_curves.png
 """

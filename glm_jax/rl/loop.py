@@ -44,6 +44,7 @@ from glm_jax.rl.objective import AdaptiveClip, ClipRange
 from glm_jax.rl.plots import plot_rl
 from glm_jax.rl.policy_loss import PolicyGradientLoss, token_logprobs
 from glm_jax.rl.progress import RLProgress
+from glm_jax.rl.rollout_weights import RolloutWeights, check_config as check_rollout_weights
 from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
@@ -84,13 +85,16 @@ class ColocatedWeights:
     parameters to the rollout mesh and the rollout reads the newest published version,
     stamping each token with it (Rollout.policy_version) so staleness can be bounded."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, rollout_weights: RolloutWeights | None = None):
         self.trainer = trainer
+        self.rollout_weights = rollout_weights or RolloutWeights(trainer)
         self.model = None
         self.version = -1
 
     def publish(self, state: TrainState, version: int) -> None:
-        self.model, self.version = self.trainer.model(state), version
+        # In the rollout's precision (config.rl.rollout_dtype; FP8: quantized here, at
+        # every update).
+        self.model, self.version = self.rollout_weights.model(state), version
 
 
 def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -123,6 +127,7 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("loss_agg", "must be 'token' or 'sequence'")
     if r.tis_cap < 0:
         fail("tis_cap", "must be >= 0 (0 = off)")
+    check_rollout_weights(r)
     if r.kl_coef != 0:
         fail("kl_coef", "only 0: the run keeps no reference policy to take the KL to")
     rows = r.prompts_per_step * r.samples_per_prompt
@@ -272,7 +277,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
               f"workdir {workdir}; config written to "
               f"{run_config.write_resolved(cfg, workdir)}", flush=True)
 
-    weights = ColocatedWeights(trainer)
+    weights = ColocatedWeights(trainer, RolloutWeights(trainer, r.rollout_dtype,
+                                                       fp8_layout=r.rollout_fp8_layout))
     weights.publish(state, rl.policy_version)
     logprobs_fn = make_logprobs(trainer)
     stops = levels_mod.stop_ids(tokenizer)
