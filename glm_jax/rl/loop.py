@@ -50,6 +50,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from glm_jax.chat.tokens import load_chat_tokenizer
 from glm_jax.cli_errors import ConfigError
@@ -68,7 +69,6 @@ from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
 from glm_jax.train.trainer import Trainer, TrainState, make_trainer
-from sharding import rules
 from sharding.mesh import make_mesh
 
 
@@ -199,13 +199,22 @@ def make_logprobs(trainer: Trainer) -> Callable[[TrainState, dict], jax.Array]:
         out = model(batch["tokens"], **kw)
         return token_logprobs(out.logits, batch["tokens"], batch["temperature"])[0]
 
-    jitted = jax.jit(fn)
+    # Replicated out: every process reads the whole result (the batch is built on each).
+    jitted = jax.jit(fn, out_shardings=NamedSharding(trainer.mesh, PartitionSpec()))
 
     def logprobs(state: TrainState, batch: dict) -> jax.Array:
         with jax.set_mesh(trainer.mesh):
             return jitted(state.params, state.biases, batch)
 
     return logprobs
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
+                  ) -> dict[str, jax.Array]:
+    """The whole batch (every process builds the same one, from the same seeds and the
+    same replicated rollout) laid out by `sharding`: each process places its own rows."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
 
 
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float | None:
@@ -254,6 +263,10 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         reward_fn = rewards_mod.BUILTIN_REWARDS[r.reward]
     if rollout_fn is None:
         from glm_jax.rl.rollout import rollout as rollout_fn
+    if r.mode == "async" and jax.process_count() > 1:
+        raise ConfigError("config.rl.mode='async': runs in one process (the processes would "
+                          "have to agree which weights each rollout chunk uses); use "
+                          "--config.rl.mode=sync across processes")
     try:
         trainer_devices, rollout_devices = split_devices(jax.devices(), r.rollout_devices)
     except ValueError as e:
@@ -390,7 +403,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             train_start = time.perf_counter()
             if r.recompute_logprobs:
                 batch["old_logprobs"] = np.asarray(logprobs_fn(
-                    state, rules.global_batch(batch, trainer.batch_sharding)))
+                    state, _global_batch(batch, trainer.batch_sharding)))
             else:
                 batch["old_logprobs"] = batch["rollout_logprobs"]
             logprob_seconds = time.perf_counter() - train_start
@@ -401,7 +414,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                 part["eps_low"] = np.full(rows, float(clip.eps_low), np.float32)
                 part["eps_high"] = np.full(rows, float(clip.eps_high), np.float32)
                 state, m = trainer.step(state,
-                                        rules.global_batch(part, trainer.batch_sharding))
+                                        _global_batch(part, trainer.batch_sharding))
                 m = jax.device_get(m)
                 step_metrics.append(m)
                 clip = adaptive.update(clip, m["clip_frac_low"], m["clip_frac_high"])

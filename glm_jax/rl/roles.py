@@ -27,7 +27,9 @@ import threading
 from collections.abc import Callable, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train.trainer import Trainer, TrainState
@@ -37,17 +39,33 @@ PrepareRolloutModel = Callable[[GlmForCausalLM], GlmForCausalLM]
 
 
 def split_devices(devices: Sequence, rollout_devices: int) -> tuple[list, list]:
-    """(trainer devices, rollout devices): the last `rollout_devices` of `devices` generate,
-    the rest train; rollout_devices=0 gives both roles all devices (colocated).
-    Raises ValueError unless 0 <= rollout_devices < len(devices)."""
+    """(trainer devices, rollout devices): of every process's devices, the last
+    rollout_devices / processes generate and the others train (one process: the last
+    `rollout_devices` generate); rollout_devices=0 gives both roles all devices
+    (colocated). Every process holds devices of both roles, so the weights move between
+    them by copies inside each process (see ReshardedWeights).
+    Raises ValueError unless 0 <= rollout_devices < len(devices), split evenly over the
+    processes."""
     devices = list(devices)
     if not 0 <= rollout_devices < len(devices):
         raise ValueError(f"rollout_devices={rollout_devices}: must be 0 (colocated) or leave "
                          f"the trainer at least one of the {len(devices)} devices")
     if rollout_devices == 0:
         return devices, devices
-    cut = len(devices) - rollout_devices
-    return devices[:cut], devices[cut:]
+    processes = sorted({d.process_index for d in devices})
+    if rollout_devices % len(processes):
+        raise ValueError(f"rollout_devices={rollout_devices}: must split evenly over the "
+                         f"{len(processes)} processes")
+    per_process = rollout_devices // len(processes)
+    trainer, rollout = [], []
+    for p in processes:
+        mine = [d for d in devices if d.process_index == p]
+        if per_process >= len(mine):
+            raise ValueError(f"rollout_devices={rollout_devices}: leaves process {p} no "
+                             "trainer device")
+        trainer += mine[:len(mine) - per_process]
+        rollout += mine[len(mine) - per_process:]
+    return trainer, rollout
 
 
 class ColocatedWeights:
@@ -85,7 +103,15 @@ class ReshardedWeights(ColocatedWeights):
     biases onto `rollout_mesh` (the NamedShardings sharding.rules gives that mesh) and binds
     the model to it, so generate runs there. The copy is independent of the trainer's
     buffers: the trainer keeps donating its state. publish blocks until the copy is done,
-    so a published version is whole when a rollout reads it."""
+    so a published version is whole when a rollout reads it.
+
+    Several processes (jax.distributed): JAX's device_put refuses a reshard between
+    different device sets that span processes ("For a cross-host reshard in
+    multi-controller JAX, input and target sharding should have the same set of devices"),
+    so the move takes two legal steps: a reshard inside the trainer's devices to the
+    rollout layout on a twin of the rollout mesh (each rollout device's twin a trainer
+    device of the same process), then a copy of every shard to its rollout device inside
+    its process. That needs as many trainer as rollout devices in every process."""
 
     def __init__(self, trainer: Trainer, rollout_mesh: jax.sharding.Mesh,
                  prepare_rollout_model: PrepareRolloutModel | None = None):
@@ -94,10 +120,27 @@ class ReshardedWeights(ColocatedWeights):
         abstract = trainer.abstract_state
         self._param_shardings = rules.state_shardings(abstract.params, rollout_mesh)
         self._bias_shardings = rules.state_shardings(abstract.biases, rollout_mesh)
+        self._twin = None
+        if jax.process_count() > 1:
+            self._twin = _twin_devices(rollout_mesh, trainer.mesh)
+
+    def _move(self, tree, shardings):
+        if self._twin is None:
+            return jax.device_put(tree, shardings)
+        twin_mesh, to_rollout = self._twin
+
+        def move(x: jax.Array, target: NamedSharding) -> jax.Array:
+            staged = jax.device_put(x, NamedSharding(twin_mesh, target.spec))
+            by_device = {to_rollout[s.device]: jax.device_put(s.data, to_rollout[s.device])
+                         for s in staged.addressable_shards}
+            return jax.make_array_from_single_device_arrays(
+                x.shape, target, [by_device[d] for d in target.addressable_devices])
+
+        return jax.tree.map(move, tree, shardings)
 
     def publish(self, state: TrainState, version: int) -> None:
-        params = jax.device_put(state.params, self._param_shardings)
-        biases = jax.device_put(state.biases, self._bias_shardings)
+        params = self._move(state.params, self._param_shardings)
+        biases = self._move(state.biases, self._bias_shardings)
         jax.block_until_ready((params, biases))
         model = rules.bind_mesh(nnx.merge(self.trainer.graphdef, params, biases), self.mesh)
         if self.prepare is not None:
@@ -105,3 +148,27 @@ class ReshardedWeights(ColocatedWeights):
         with self._lock:
             self._model, self._version = model, version
 
+
+
+def _twin_devices(rollout_mesh: Mesh, trainer_mesh: Mesh) -> tuple[Mesh, dict]:
+    """(a mesh of the rollout mesh's shape over the trainer's devices, in which each device
+    is in the process of the rollout device at its place; twin device -> rollout device).
+    Raises ValueError unless every process has as many trainer as rollout devices."""
+    spare: dict[int, list] = {}
+    for d in trainer_mesh.devices.flat:
+        spare.setdefault(d.process_index, []).append(d)
+    counts = {p: len(v) for p, v in spare.items()}
+    need: dict[int, int] = {}
+    for d in rollout_mesh.devices.flat:
+        need[d.process_index] = need.get(d.process_index, 0) + 1
+    if counts != need:
+        raise ValueError(f"trainer devices per process {counts} and rollout devices per "
+                         f"process {need} differ; moving weights between processes needs "
+                         "them equal")
+    twin = np.empty(rollout_mesh.devices.shape, dtype=object)
+    to_rollout = {}
+    for idx, d in np.ndenumerate(rollout_mesh.devices):
+        t = spare[d.process_index].pop(0)
+        twin[idx] = t
+        to_rollout[t] = d
+    return Mesh(twin, rollout_mesh.axis_names, axis_types=rollout_mesh.axis_types), to_rollout
