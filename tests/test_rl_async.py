@@ -12,6 +12,8 @@ partial_rollout), on the 8 simulated CPU devices of conftest.py split 4 / 4.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import types
 
 import jax
@@ -28,7 +30,7 @@ from glm_jax.rl.rewards import RewardResult
 from glm_jax.rl.rollout import rollout
 from glm_jax.rl.sampling import CollectStats, Collected, ScoredRound
 from test_rl_rollout import CONFIG, PROMPTS, real_tokens, score
-from test_rl_run import FLAGS
+from test_rl_run import FLAGS, ROOT
 
 
 def parity_reward(example, completion: str) -> RewardResult:
@@ -160,3 +162,42 @@ def test_one_chunk_is_the_one_shot_rollout(two_versions):
     for field in ("tokens", "completion_lengths", "policy_version", "routed_experts"):
         np.testing.assert_array_equal(getattr(whole, field), getattr(plain, field))
     np.testing.assert_allclose(whole.logprobs, plain.logprobs, atol=1e-6, rtol=0)
+
+
+def test_sync_across_two_processes_matches_one_process(tmp_path):
+    """`python -m glm_jax.rl` as 2 processes of 4 CPU devices (jax.distributed on
+    localhost), each giving 2 devices to the trainer and 2 to the rollout, so every weight
+    publish crosses the two-step move of ReshardedWeights; against one process of 8 devices
+    split 4 / 4: the same batches, rewards and losses."""
+    from test_rl_run import _cmd, _metrics
+    from test_train_run import _free_port
+
+    steps = {"train.steps": 2, "rl.rollout_devices": 4}
+    cache = str(tmp_path / "xla")
+
+    def env(devices: int) -> dict:
+        return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                    JAX_COMPILATION_CACHE_DIR=cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    port = _free_port()
+    two = str(tmp_path / "two")
+    procs = [subprocess.Popen(
+        _cmd(two, **steps) + ["--coordinator_address", f"localhost:{port}",
+                              "--num_processes", "2", "--process_id", str(i)],
+        env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    one = str(tmp_path / "one")
+    single = subprocess.run(_cmd(one, **steps), env=env(8), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    got, want = _metrics(two), _metrics(one)
+    assert [r["step"] for r in got] == [1, 2] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("batch_digest", "reward", "policy_version", "rollout_policy_version"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
