@@ -55,13 +55,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from glm_jax.chat.tokens import load_chat_tokenizer
 from glm_jax.cli_errors import ConfigError
 from glm_jax.rl import levels as levels_mod
-from glm_jax.rl.async_rollout import RolloutWorker, drop_stale
 from glm_jax.rl import rewards as rewards_mod
+from glm_jax.rl.async_rollout import RolloutWorker, drop_stale
 from glm_jax.rl.curriculum import Curriculum, CurriculumState
 from glm_jax.rl.objective import AdaptiveClip, ClipRange
 from glm_jax.rl.plots import plot_rl
-from glm_jax.rl.policy_loss import PolicyGradientLoss, token_logprobs
 from glm_jax.rl.partial_rollout import chunked_rollout
+from glm_jax.rl.policy_loss import PolicyGradientLoss, token_logprobs
 from glm_jax.rl.progress import RLProgress
 from glm_jax.rl.roles import (ColocatedWeights, PrepareRolloutModel, ReshardedWeights,
                               split_devices)
@@ -230,8 +230,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     up to step `stop_at` (then save and return, as on SIGTERM). `reward_fn` replaces the
     config's built-in reward; `rollout_fn` the rollout engine of the sync mode
     (glm_jax.rl.rollout.rollout's signature); `prepare_rollout_model` turns every published
-    model into the one the rollout generates with (glm_jax.rl.roles). Returns {"step", "stopped_by", "records": the metrics of the steps run now,
-    "state"}. Raises ConfigError (and the other UserErrors) before anything compiles."""
+    model into the one the rollout generates with (glm_jax.rl.roles). Returns {"step",
+    "stopped_by", "records": the metrics of the steps run now, "state", "rl_state"}. Raises ConfigError (and the other UserErrors) before anything compiles."""
     level_names = check(cfg)
     if (cfg.init_from and run_config.latest_checkpoint(workdir) is None
             and not os.path.exists(cfg.init_from)):
