@@ -128,9 +128,9 @@ def main() -> None:
     text = f"""
 ## RL sync vs async on split devices (issue 17, `bench/rl_async.py`)
 
-Machine: the shared 2-core VM, {args.devices} simulated CPU devices, {args.devices - args.rollout_devices}
-train / {args.rollout_devices} generate; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after
-(1-minute). All devices share the same 2 cores: async shows overlap, not speed-up.
+Machine: the shared 2-core VM, {args.devices} simulated CPU devices,
+{args.devices - args.rollout_devices} train / {args.rollout_devices} generate; load average
+{load_before[0]:.1f} before, {load_after[0]:.1f} after (1-minute). All devices share the same 2 cores: async shows overlap, not speed-up.
 
     python -m bench.rl_async {' '.join(own)} -- {' '.join(passthrough)}
 

@@ -231,7 +231,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     config's built-in reward; `rollout_fn` the rollout engine of the sync mode
     (glm_jax.rl.rollout.rollout's signature); `prepare_rollout_model` turns every published
     model into the one the rollout generates with (glm_jax.rl.roles). Returns {"step",
-    "stopped_by", "records": the metrics of the steps run now, "state", "rl_state"}. Raises ConfigError (and the other UserErrors) before anything compiles."""
+    "stopped_by", "records": the metrics of the steps run now, "state", "rl_state"}.
+    Raises ConfigError (and the other UserErrors) before anything compiles."""
     level_names = check(cfg)
     if (cfg.init_from and run_config.latest_checkpoint(workdir) is None
             and not os.path.exists(cfg.init_from)):
