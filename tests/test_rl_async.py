@@ -201,3 +201,55 @@ def test_sync_across_two_processes_matches_one_process(tmp_path):
         for key in ("batch_digest", "reward", "policy_version", "rollout_policy_version"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_resharded_weights_are_a_copy_on_the_rollout_mesh():
+    from glm_jax.rl.roles import ReshardedWeights, split_devices
+    from glm_jax.train.trainer import make_trainer
+    from sharding.mesh import make_mesh
+
+    trainer_devices, rollout_devices = split_devices(jax.devices(), 4)
+    assert trainer_devices == jax.devices()[:4] and rollout_devices == jax.devices()[4:]
+    assert split_devices(jax.devices(), 0) == (jax.devices(), jax.devices())
+    with pytest.raises(ValueError, match="rollout_devices=8"):
+        split_devices(jax.devices(), 8)
+    trainer = make_trainer(_config(), make_mesh({"fsdp": 4}, trainer_devices))
+    rollout_mesh = make_mesh({"data": 2, "tensor": 2}, rollout_devices)
+    seen = []
+
+    def prepare(model):  # the seam a quantized rollout copy plugs into
+        seen.append(model)
+        return model
+
+    weights = ReshardedWeights(trainer, rollout_mesh, prepare)
+    state = trainer.init()
+    want = jax.tree.map(np.asarray, state.params)
+    weights.publish(state, 7)
+    model, version = weights.latest()
+    assert version == 7 and seen == [model] and model.mesh is rollout_mesh
+    assert model.moe_layers.layers.mlp.mesh is rollout_mesh  # the MoE runs on the rollout mesh
+    jax.tree.map(lambda x: x.delete(), (state.params, state.biases))  # as a donating step would
+    _, got = nnx.split(model, nnx.Param)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(b), a)
+        assert b.sharding.mesh == rollout_mesh
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", "overlap", "config.rl.mode='overlap': must be 'sync'"),
+    ("chat_mode", "sync", "config.rl.chat_mode='sync': must be 'thinking'"),
+    ("weight_sync_every", 2, "config.rl.weight_sync_every=2: colocated"),
+    ("max_staleness", -1, "config.rl.max_staleness=-1"),
+    ("rollout_mesh", "data=x", "config.rl.rollout_mesh='data=x'"),
+])
+def test_bad_mode_fields_name_the_field(field, value, message):
+    from glm_jax.cli_errors import ConfigError
+    from glm_jax.rl.loop import check
+
+    cfg = _config(**{f"rl.{field}": value})
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    async_colocated = _config(**{"rl.mode": "async"})
+    with pytest.raises(ConfigError, match="config.rl.rollout_devices=0: async mode needs"):
+        check(async_colocated)
