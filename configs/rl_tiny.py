@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
         # (slime: --update-weights-interval); must be 1 colocated
         max_staleness=1,  # async: drop groups whose oldest token is > N versions old
         queue_size=1,  # async: batches the rollout may run ahead of the trainer
-        rollout_chunk_tokens=8,  # async: tokens per chunk; new weights are picked up
+        rollout_chunk_tokens=16,  # async: tokens per chunk; new weights are picked up
         # between chunks (partial rollouts; glm_jax.rl.partial_rollout)
         tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
         seed=0,  # prompts and sampling: a pure function of (seed, step, round)

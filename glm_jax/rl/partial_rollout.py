@@ -11,10 +11,10 @@ exactness without a KV cache that survives a weight change is one prefill per ch
 (cheap next to decoding on the short chunks it replaces; a chunk as long as
 max_new_tokens is the ordinary one-shot rollout).
 
-Every chunk generates for all rows, finished ones included (their new tokens are thrown
-away), plus one filler row that pads the batch to a width rounded up to WIDTH_BUCKET
-tokens, so the jitted prefill and decode see few distinct shapes: a chunk of different
-rows or width would compile anew.
+A chunk continues only the unfinished rows, padded to a power-of-two row count with
+copies of them (whose tokens are thrown away): the jitted prefill and decode then see few
+distinct batch shapes (each new shape compiles), and the copies stop at an EOS like the
+rows they copy, so they do not keep a chunk decoding after its real rows are done.
 
 The router choices kept for routing replay are the last chunk's: its prefill re-routes
 every earlier token under the newest weights the row saw, which are the weights closest to
@@ -33,7 +33,6 @@ from glm_jax.rl.rollout import Rollout, rollout
 
 __all__ = ["chunked_rollout"]
 
-WIDTH_BUCKET = 16
 WeightsSource = Callable[[], tuple[GlmForCausalLM, int]]  # () -> (model, policy version)
 
 
@@ -74,27 +73,25 @@ def chunked_rollout(weights: WeightsSource, prompts: Sequence[Sequence[int]], *,
         model, version = weights()
         active = np.flatnonzero(~done)
         made = len(completions[active[0]])
-        asked = chunk_tokens if chunk_tokens < max_new_tokens else max_new_tokens
-        inputs = [rows[r] + completions[r] for r in range(n)]
-        temps_in = row_temps
-        if chunk_tokens < max_new_tokens:
-            longest = max(len(x) for x in inputs)
-            inputs = inputs + [[pad_id] * (-(-longest // WIDTH_BUCKET) * WIDTH_BUCKET)]
-            temps_in = np.append(row_temps, np.float32(0))
-        out = rollout(model, inputs, samples_per_prompt=1, max_new_tokens=asked,
-                      temperature=temps_in, eos_ids=eos_ids,
+        # The same max_new_tokens every chunk (one cache size); the last chunk's surplus
+        # tokens are dropped below.
+        asked = min(chunk_tokens, max_new_tokens)
+        bucket = min(1 << (len(active) - 1).bit_length(), n)
+        padded = np.resize(active, bucket)  # the active rows, then copies of them
+        out = rollout(model, [rows[r] + completions[r] for r in padded], samples_per_prompt=1,
+                      max_new_tokens=asked, temperature=row_temps[padded], eos_ids=eos_ids,
                       seed=chunk_seed(seed, chunk), pad_id=pad_id, speculative=speculative,
                       record_routing=record_routing, policy_version=version)
         room = min(asked, max_new_tokens - made)  # the tokens this chunk may add to a row
-        for r in active:  # row r of the chunk's batch is row r of the rollout
-            start = int(out.prompt_lengths[r])
-            m = min(int(out.completion_lengths[r]), room)
-            new = out.tokens[r, start:start + m].tolist()
+        for i, r in enumerate(active):  # row i of the chunk continues row r
+            start = int(out.prompt_lengths[i])
+            m = min(int(out.completion_lengths[i]), room)
+            new = out.tokens[i, start:start + m].tolist()
             completions[r] += new
-            logprobs[r] += out.logprobs[r, start:start + m].tolist()
+            logprobs[r] += out.logprobs[i, start:start + m].tolist()
             versions[r] += [version] * m
             if out.routed_experts is not None:
-                routing[r] = np.asarray(out.routed_experts[r, :start + m])
+                routing[r] = np.asarray(out.routed_experts[i, :start + m])
             if m < room or (new and new[-1] in eos) or len(completions[r]) >= max_new_tokens:
                 done[r] = True
         if on_chunk is not None:
