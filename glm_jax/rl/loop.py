@@ -262,6 +262,10 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                           "fewer levels")
     if reward_fn is None:
         reward_fn = rewards_mod.BUILTIN_REWARDS[r.reward]
+    if rollout_fn is not None and r.mode == "async":
+        raise ValueError("rollout_fn: the async mode generates with "
+                         "glm_jax.rl.partial_rollout.chunked_rollout; pass rollout_fn in "
+                         "sync mode only")
     if rollout_fn is None:
         from glm_jax.rl.rollout import rollout as rollout_fn
     if r.mode == "async" and jax.process_count() > 1:
