@@ -29,7 +29,7 @@ from glm_jax.rl.partial_rollout import chunk_seed, chunked_rollout
 from glm_jax.rl.rewards import RewardResult
 from glm_jax.rl.rollout import rollout
 from glm_jax.rl.sampling import CollectStats, Collected, ScoredRound
-from test_rl_rollout import CONFIG, PROMPTS, real_tokens, score
+from test_rl_rollout import CONFIG, PROMPTS, _copy, real_tokens, score
 from test_rl_run import FLAGS, ROOT
 
 
@@ -121,7 +121,14 @@ def test_drop_stale_drops_whole_groups_older_than_the_bound():
 
 @pytest.fixture(scope="module")
 def two_versions():
-    return GlmForCausalLM(CONFIG, rngs=nnx.Rngs(0)), GlmForCausalLM(CONFIG, rngs=nnx.Rngs(5))
+    """Versions 0 and 1 of a policy: v1 is v0 after a "step" (a sharper head, moved
+    routers; made by arithmetic, as one model init costs seconds)."""
+    v0 = GlmForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+    v1 = _copy(v0)
+    v1.lm_head.kernel[...] = 1.5 * v1.lm_head.kernel[...]
+    router = v1.moe_layers.layers.mlp.router_kernel
+    router[...] = router[...] + 0.05 * jax.random.normal(jax.random.key(1), router[...].shape)
+    return v0, v1
 
 
 def test_partial_rollout_continues_with_new_weights_and_stamps_versions(two_versions):
@@ -143,7 +150,7 @@ def test_partial_rollout_continues_with_new_weights_and_stamps_versions(two_vers
                                       [0, 0, 0, 1, 1, 1, 1, 1])
     assert (r.policy_version[~completion] == -1).all()
     # Each token's recorded log-probability is that of the version that drew it.
-    logp0, _ = score(m0, r, replay=False)
+    logp0, ids0 = score(m0, r, replay=False)
     logp1, ids1 = score(m1, r, replay=False)
     old, new = completion & (r.policy_version == 0), completion & (r.policy_version == 1)
     np.testing.assert_allclose(r.logprobs[old], logp0[old], atol=1e-5, rtol=0)
@@ -151,6 +158,7 @@ def test_partial_rollout_continues_with_new_weights_and_stamps_versions(two_vers
     assert np.abs(logp0[new] - logp1[new]).max() > 1e-2  # the versions do differ
     # The routing kept for replay is the last chunk's: the newest weights' for every token.
     np.testing.assert_array_equal(r.routed_experts[real_tokens(r)], ids1[real_tokens(r)])
+    assert (ids0[real_tokens(r)] != ids1[real_tokens(r)]).any()  # and v0's is not that
 
 
 def test_one_chunk_is_the_one_shot_rollout(two_versions):
