@@ -64,7 +64,7 @@ from glm_jax.rl.partial_rollout import chunked_rollout
 from glm_jax.rl.policy_loss import PolicyGradientLoss, token_logprobs
 from glm_jax.rl.progress import RLProgress
 from glm_jax.rl.roles import (ColocatedWeights, PrepareRolloutModel, ReshardedWeights,
-                              split_devices)
+                              check_roles, rollout_mesh_axes, split_devices)
 from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
@@ -117,25 +117,7 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("max_extra_prompts", "must be >= 0 (0 = no refill)")
     if r.chat_mode not in ("thinking", "non_thinking"):
         fail("chat_mode", "must be 'thinking' or 'non_thinking'")
-    if r.mode not in ("sync", "async"):
-        fail("mode", "must be 'sync' (rollout and training take turns) or 'async'")
-    for name in ("weight_sync_every", "rollout_chunk_tokens", "queue_size"):
-        if not isinstance(r[name], int) or r[name] < 1:
-            fail(name, "must be a positive integer")
-    if not isinstance(r.rollout_devices, int) or r.rollout_devices < 0:
-        fail("rollout_devices", "must be >= 0 (0 = colocated with the trainer)")
-    if r.rollout_devices == 0 and r.weight_sync_every != 1:
-        fail("weight_sync_every", "colocated (rl.rollout_devices=0), the rollout uses the "
-             "trainer's own arrays, which every step replaces: must be 1")
-    if r.mode == "async" and r.rollout_devices == 0:
-        fail("rollout_devices", "async mode needs the rollout on its own devices: set "
-             "--config.rl.rollout_devices=N (e.g. half of them)")
-    if not isinstance(r.max_staleness, int) or r.max_staleness < 0:
-        fail("max_staleness", "must be an integer >= 0")
-    if r.mode == "async" and r.max_staleness < 1:
-        fail("max_staleness", "async mode trains on batches drawn while the previous update "
-             "ran, 1 version old at least: must be >= 1")
-    _rollout_mesh_axes(r.rollout_mesh, None)
+    check_roles(r)
     if r.reward not in rewards_mod.BUILTIN_REWARDS:
         fail("reward", f"choose from {sorted(rewards_mod.BUILTIN_REWARDS)}")
     if r.speculative not in ("none", "mtp"):
@@ -164,15 +146,6 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     if r.tokenizer and not os.path.isfile(r.tokenizer):
         fail("tokenizer", "no such file (a hub tokenizer.json, or '' for the byte-level default)")
     return names
-
-
-def _rollout_mesh_axes(spec: str, devices: list | None) -> dict[str, int]:
-    """rl.rollout_mesh parsed (and resolved over `devices`); errors name that field."""
-    try:
-        return run_config.mesh_axes(spec, devices)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("config.train.mesh", "config.rl.rollout_mesh", 1)
-                          ) from None
 
 
 def rollout_seed(seed: int, step: int, round_: int) -> int:
@@ -284,7 +257,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                           f"an update must split over the mesh's {shards} batch shards and "
                           "then into the micro-batches")
     mesh = make_mesh(mesh_axes, trainer_devices)
-    rollout_axes = (_rollout_mesh_axes(r.rollout_mesh, rollout_devices)
+    rollout_axes = (rollout_mesh_axes(r.rollout_mesh, rollout_devices)
                     if r.rollout_devices else None)
     os.makedirs(workdir, exist_ok=True)
 

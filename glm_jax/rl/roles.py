@@ -27,15 +27,55 @@ import threading
 from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from glm_jax.cli_errors import ConfigError
 from glm_jax.model.transformer import GlmForCausalLM
+from glm_jax.train import run_config
 from glm_jax.train.trainer import Trainer, TrainState
 from sharding import rules
 
 PrepareRolloutModel = Callable[[GlmForCausalLM], GlmForCausalLM]
+
+
+def check_roles(r: ml_collections.ConfigDict) -> None:
+    """The rl section's role and mode fields (configs/rl_tiny.py documents them).
+    Raises ConfigError naming the field."""
+
+    def fail(field: str, why: str):
+        raise ConfigError(f"config.rl.{field}={r[field]!r}: {why}")
+
+    if r.mode not in ("sync", "async"):
+        fail("mode", "must be 'sync' (rollout and training take turns) or 'async'")
+    for name in ("weight_sync_every", "rollout_chunk_tokens", "queue_size"):
+        if not isinstance(r[name], int) or r[name] < 1:
+            fail(name, "must be a positive integer")
+    if not isinstance(r.rollout_devices, int) or r.rollout_devices < 0:
+        fail("rollout_devices", "must be >= 0 (0 = colocated with the trainer)")
+    if r.rollout_devices == 0 and r.weight_sync_every != 1:
+        fail("weight_sync_every", "colocated (rl.rollout_devices=0), the rollout uses the "
+             "trainer's own arrays, which every step replaces: must be 1")
+    if r.mode == "async" and r.rollout_devices == 0:
+        fail("rollout_devices", "async mode needs the rollout on its own devices: set "
+             "--config.rl.rollout_devices=N (e.g. half of them)")
+    if not isinstance(r.max_staleness, int) or r.max_staleness < 0:
+        fail("max_staleness", "must be an integer >= 0")
+    if r.mode == "async" and r.max_staleness < 1:
+        fail("max_staleness", "async mode trains on batches drawn while the previous update "
+             "ran, 1 version old at least: must be >= 1")
+    rollout_mesh_axes(r.rollout_mesh, None)
+
+
+def rollout_mesh_axes(spec: str, devices: list | None) -> dict[str, int]:
+    """rl.rollout_mesh parsed (and resolved over `devices`); errors name that field."""
+    try:
+        return run_config.mesh_axes(spec, devices)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config.train.mesh", "config.rl.rollout_mesh", 1)
+                          ) from None
 
 
 def split_devices(devices: Sequence, rollout_devices: int) -> tuple[list, list]:
