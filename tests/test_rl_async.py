@@ -73,6 +73,15 @@ def test_sync_on_sub_meshes_equals_colocated_sync(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_weight_sync_every_k_steps_lags_the_rollout(tmp_path):
+    out = _run(tmp_path, "every2", **{"rl.rollout_devices": 4, "rl.weight_sync_every": 2})
+    records = out["records"]
+    assert [r["rollout_policy_version"] for r in records] == [0, 2, 2]
+    # Step 2 trains (at version 1) on what version 0 sampled; step 3 on version 2's.
+    assert [r["staleness_max"] for r in records] == [
+        0, 1 if records[1]["kept_groups"] else 0, 0]
+
+
 def test_async_trains_only_on_samples_within_the_staleness_bound(tmp_path):
     out = _run(tmp_path, "async", **{"rl.mode": "async", "rl.rollout_devices": 4,
                                      "rl.max_staleness": 1, "rl.rollout_chunk_tokens": 3,
