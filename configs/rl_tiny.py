@@ -27,7 +27,19 @@ def get_config() -> ml_collections.ConfigDict:
         # A task of the SFT set with an optional operand digit cap (add1: one-digit addition);
         # "word" prompts need train.seq_len ~ 200.
         levels="add1,add2,sub2,mul1,add,sub,mul",
-        mode="non_thinking",  # "thinking" (reason in <think> first) or "non_thinking"
+        chat_mode="non_thinking",  # "thinking" (reason in <think> first) or "non_thinking"
+        # Roles (glm_jax.rl.roles, glm_jax.rl.async_rollout). mode: "sync" (rollout, then
+        # training, in turns) or "async" (the rollout generates continuously in a
+        # background thread on its own devices; needs rollout_devices > 0).
+        mode="sync",
+        rollout_devices=0,  # the last N devices generate, the rest train; 0 = colocated
+        rollout_mesh="data=-1",  # the rollout mesh's axes over those N devices
+        weight_sync_every=1,  # publish the weights to the rollout every k RL steps
+        # (slime: --update-weights-interval); must be 1 colocated
+        max_staleness=1,  # async: drop groups whose oldest token is > N versions old
+        queue_size=1,  # async: batches the rollout may run ahead of the trainer
+        rollout_chunk_tokens=16,  # async: tokens per chunk; new weights are picked up
+        # between chunks (partial rollouts; glm_jax.rl.partial_rollout)
         tokenizer="",  # a hub tokenizer.json; "" = the byte-level default
         seed=0,  # prompts and sampling: a pure function of (seed, step, round)
         # Rollout.

@@ -179,6 +179,8 @@ def test_sigterm_then_resume_continues_the_same_curriculum_and_batches(tmp_path)
     ("--config.rl.levels=add1,div", "config.rl.levels='add1,div': unknown level(s) ['div']"),
     ("--config.train.batch_size=12", "set --config.train.batch_size=64"),
     ("--config.init_from=/nonexistent/sft", "config.init_from=/nonexistent/sft: no such"),
+    ("--config.rl.mode=overlap", "config.rl.mode='overlap': must be 'sync'"),
+    ("--config.rl.mode=async", "config.rl.rollout_devices=0: async mode needs the rollout"),
 ])
 def test_bad_flags_are_one_line_exit_2(flag, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "glm_jax.rl", "--workdir", str(tmp_path),

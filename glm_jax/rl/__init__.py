@@ -13,7 +13,12 @@
   levels.py       the curriculum's levels of the embedded tasks, rendered as chat prompts
   sampling.py     one step's rollout rounds with dynamic-sampling refill -> the trainer batch
   loop.py         the run: rollout -> reward -> batch -> updates -> weight hand-off, with
-                  checkpoints, metrics and exact resume (`python -m glm_jax.rl`)
+                  checkpoints, metrics and exact resume (`python -m glm_jax.rl`), in sync
+                  or async mode
+  roles.py        which devices train and which generate; publishing weights to the
+                  rollout (colocated, or resharded onto the rollout's own mesh)
+  async_rollout.py  the async mode's background rollout worker and staleness bound
+  partial_rollout.py  generation in chunks that continues with newly published weights
   rollout_weights.py  the rollout's copy of the weights in its precision (rl.rollout_dtype:
                   bf16, FP8 e4m3 per channel or block), made at every weight update
   progress.py, plots.py  the progress bar and rl_curves.png

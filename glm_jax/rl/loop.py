@@ -1,5 +1,17 @@
-"""The RL run, synchronous and colocated: `run_rl(cfg, workdir)`; `python -m glm_jax.rl`
-parses the flags (configs/rl_tiny.py documents the fields).
+"""The RL run: `run_rl(cfg, workdir)`; `python -m glm_jax.rl` parses the flags
+(configs/rl_tiny.py documents the fields).
+
+Roles and modes (glm_jax.rl.roles, glm_jax.rl.async_rollout):
+  rl.mode=sync, rl.rollout_devices=0   colocated: rollout and trainer take turns on all
+                                        devices, the rollout using the trainer's arrays
+  rl.mode=sync, rl.rollout_devices=R   the rollout on its own mesh of the last R devices,
+                                        the weights resharded to it every
+                                        rl.weight_sync_every steps; still turn by turn
+  rl.mode=async (rollout_devices=R>0)  the rollout generates continuously in a background
+                                        thread on its mesh, in chunks that pick up newly
+                                        published weights (partial rollouts); the trainer
+                                        takes batches from a bounded queue and drops groups
+                                        older than rl.max_staleness versions
 
 One RL step:
   prompts of the curriculum's current level (glm_jax.rl.levels)
@@ -10,46 +22,54 @@ One RL step:
      sampled tokens (old_logprobs, with the rollout's expert choices replayed), the rollout's
      (for truncated importance sampling), the row temperature and the clip range
   -> `updates_per_rollout` optimizer steps of PolicyGradientLoss through make_trainer
-  -> the new weights to the rollout side (`ColocatedWeights`)
+  -> the new weights to the rollout side (roles.ColocatedWeights / ReshardedWeights)
   -> the curriculum sees the pass rate, the temperature rule the mean reward, the adaptive
      clip the clipped fractions.
 
 A checkpoint holds the policy and optimizer state plus an `extra` JSON item with the RL
 state (step, curriculum, temperature, clip range, policy version, seed). The rollout's
 randomness (prompts and sampling seeds) is a pure function of (rl.seed, step, round), so a
-resumed run continues exactly: same level, same prompts, same samples. SIGTERM / SIGINT
-finish the step, save and exit, as in pretraining.
+resumed run continues exactly: same level, same prompts, same samples (in sync mode; in
+async mode the overlap of the two threads decides which weights sample what, so a resume
+continues the state, not the same samples). SIGTERM / SIGINT finish the step, save and
+exit, as in pretraining.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import signal
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from glm_jax.chat.tokens import load_chat_tokenizer
 from glm_jax.cli_errors import ConfigError
 from glm_jax.rl import levels as levels_mod
 from glm_jax.rl import rewards as rewards_mod
+from glm_jax.rl.async_rollout import RolloutWorker, drop_stale
 from glm_jax.rl.curriculum import Curriculum, CurriculumState
 from glm_jax.rl.objective import AdaptiveClip, ClipRange
 from glm_jax.rl.plots import plot_rl
+from glm_jax.rl.partial_rollout import chunked_rollout
 from glm_jax.rl.policy_loss import PolicyGradientLoss, token_logprobs
 from glm_jax.rl.progress import RLProgress
+from glm_jax.rl.roles import (ColocatedWeights, PrepareRolloutModel, ReshardedWeights,
+                              check_roles, rollout_mesh_axes, split_devices)
 from glm_jax.rl.rollout_weights import RolloutWeights, check_config as check_rollout_weights
 from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
 from glm_jax.train.trainer import Trainer, TrainState, make_trainer
-from sharding import rules
 from sharding.mesh import make_mesh
 
 
@@ -76,27 +96,6 @@ class RLState:
                    int(d["policy_version"]), int(d["seed"]))
 
 
-class ColocatedWeights:
-    """The weight hand-off of the synchronous, colocated mode: the rollout generates with the
-    trainer's own arrays (no copy). A step donates the state it is given, so the model must
-    be re-published after every update before the next rollout.
-
-    An asynchronous mode replaces this class: `publish` then copies (reshards) the
-    parameters to the rollout mesh and the rollout reads the newest published version,
-    stamping each token with it (Rollout.policy_version) so staleness can be bounded."""
-
-    def __init__(self, trainer: Trainer, rollout_weights: RolloutWeights | None = None):
-        self.trainer = trainer
-        self.rollout_weights = rollout_weights or RolloutWeights(trainer)
-        self.model = None
-        self.version = -1
-
-    def publish(self, state: TrainState, version: int) -> None:
-        # In the rollout's precision (config.rl.rollout_dtype; FP8: quantized here, at
-        # every update).
-        self.model, self.version = self.rollout_weights.model(state), version
-
-
 def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The rl section's checks (loop.validate checks the rest). Returns the level names.
     Raises ConfigError naming the field."""
@@ -117,8 +116,9 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("samples_per_prompt", "group-relative advantages need >= 2 samples per prompt")
     if not isinstance(r.max_extra_prompts, int) or r.max_extra_prompts < 0:
         fail("max_extra_prompts", "must be >= 0 (0 = no refill)")
-    if r.mode not in ("thinking", "non_thinking"):
-        fail("mode", "must be 'thinking' or 'non_thinking'")
+    if r.chat_mode not in ("thinking", "non_thinking"):
+        fail("chat_mode", "must be 'thinking' or 'non_thinking'")
+    check_roles(r)
     if r.reward not in rewards_mod.BUILTIN_REWARDS:
         fail("reward", f"choose from {sorted(rewards_mod.BUILTIN_REWARDS)}")
     if r.speculative not in ("none", "mtp"):
@@ -174,13 +174,22 @@ def make_logprobs(trainer: Trainer) -> Callable[[TrainState, dict], jax.Array]:
         out = model(batch["tokens"], **kw)
         return token_logprobs(out.logits, batch["tokens"], batch["temperature"])[0]
 
-    jitted = jax.jit(fn)
+    # Replicated out: every process reads the whole result (the batch is built on each).
+    jitted = jax.jit(fn, out_shardings=NamedSharding(trainer.mesh, PartitionSpec()))
 
     def logprobs(state: TrainState, batch: dict) -> jax.Array:
         with jax.set_mesh(trainer.mesh):
             return jitted(state.params, state.biases, batch)
 
     return logprobs
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
+                  ) -> dict[str, jax.Array]:
+    """The whole batch (every process builds the same one, from the same seeds and the
+    same replicated rollout) laid out by `sharding`: each process places its own rows."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
 
 
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float | None:
@@ -190,12 +199,15 @@ def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float | None:
 def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
            stop_at: int | None = None, overrides: tuple[str, ...] = (),
            reward_fn: rewards_mod.RewardFn | None = None,
-           rollout_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
+           rollout_fn: Callable[..., Any] | None = None,
+           prepare_rollout_model: PrepareRolloutModel | None = None) -> dict[str, Any]:
     """RL to cfg.train.steps RL steps (resuming `workdir` if it holds a checkpoint), or only
     up to step `stop_at` (then save and return, as on SIGTERM). `reward_fn` replaces the
-    config's built-in reward; `rollout_fn` the rollout engine (glm_jax.rl.rollout.rollout's
-    signature). Returns {"step", "stopped_by", "records": the metrics of the steps run now,
-    "state"}. Raises ConfigError (and the other UserErrors) before anything compiles."""
+    config's built-in reward; `rollout_fn` the rollout engine of the sync mode
+    (glm_jax.rl.rollout.rollout's signature); `prepare_rollout_model` turns every published
+    model into the one the rollout generates with (glm_jax.rl.roles). Returns {"step",
+    "stopped_by", "records": the metrics of the steps run now, "state", "rl_state"}.
+    Raises ConfigError (and the other UserErrors) before anything compiles."""
     level_names = check(cfg)
     if (cfg.init_from and run_config.latest_checkpoint(workdir) is None
             and not os.path.exists(cfg.init_from)):
@@ -216,7 +228,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: smaller than the "
                           f"chat tokenizer's {tokenizer.vocab_size} ids")
     longest = max(len(p.ids) for name in level_names for p in levels_mod.draw_prompts(
-        name, 64, seed=r.seed, step=-1, round_=0, thinking=r.mode == "thinking",
+        name, 64, seed=r.seed, step=-1, round_=0, thinking=r.chat_mode == "thinking",
         tokenizer=tokenizer))
     if longest + r.max_new_tokens > t.seq_len:
         raise ConfigError(f"config.train.seq_len={t.seq_len}: the levels' prompts reach "
@@ -225,16 +237,30 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                           "fewer levels")
     if reward_fn is None:
         reward_fn = rewards_mod.BUILTIN_REWARDS[r.reward]
+    if rollout_fn is not None and r.mode == "async":
+        raise ValueError("rollout_fn: the async mode generates with "
+                         "glm_jax.rl.partial_rollout.chunked_rollout; pass rollout_fn in "
+                         "sync mode only")
     if rollout_fn is None:
         from glm_jax.rl.rollout import rollout as rollout_fn
-    mesh_axes = run_config.mesh_axes(t.mesh, jax.devices())
+    if r.mode == "async" and jax.process_count() > 1:
+        raise ConfigError("config.rl.mode='async': runs in one process (the processes would "
+                          "have to agree which weights each rollout chunk uses); use "
+                          "--config.rl.mode=sync across processes")
+    try:
+        trainer_devices, rollout_devices = split_devices(jax.devices(), r.rollout_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.rl.{e}") from None
+    mesh_axes = run_config.mesh_axes(t.mesh, trainer_devices)
     rows = t.batch_size // r.updates_per_rollout  # per optimizer step
     shards = mesh_axes["data"] * mesh_axes["fsdp"] * mesh_axes["expert"]
     if rows % shards or (rows // shards) % t.micro_batches:
         raise ConfigError(f"config.train.micro_batches={t.micro_batches}: the {rows} rows of "
                           f"an update must split over the mesh's {shards} batch shards and "
                           "then into the micro-batches")
-    mesh = make_mesh(mesh_axes)
+    mesh = make_mesh(mesh_axes, trainer_devices)
+    rollout_axes = (rollout_mesh_axes(r.rollout_mesh, rollout_devices)
+                    if r.rollout_devices else None)
     os.makedirs(workdir, exist_ok=True)
 
     # The optimizer's schedule counts optimizer steps: updates_per_rollout per RL step.
@@ -273,31 +299,48 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         print(run_config.describe(cfg), flush=True)
         print(f"glm-jax rl: {source}; levels {','.join(level_names)} (now "
               f"{level_names[rl.curriculum.level]}); {r.prompts_per_step} prompts x "
-              f"{r.samples_per_prompt} samples per step, reward {r.reward}; mesh {mesh_axes}; "
+              f"{r.samples_per_prompt} samples per step, reward {r.reward}; {r.mode} mode, "
+              f"trainer mesh {mesh_axes} on {len(trainer_devices)} devices, rollout "
+              + (f"mesh {rollout_axes} on {len(rollout_devices)} devices; " if rollout_axes
+                 else "colocated; ") +
               f"workdir {workdir}; config written to "
               f"{run_config.write_resolved(cfg, workdir)}", flush=True)
 
-    weights = ColocatedWeights(trainer, RolloutWeights(trainer, r.rollout_dtype,
-                                                       fp8_layout=r.rollout_fp8_layout))
+    rollout_weights = RolloutWeights(trainer, r.rollout_dtype, fp8_layout=r.rollout_fp8_layout)
+
+    def prepare(model):  # the rollout's precision (rl.rollout_dtype), then the caller's hook
+        model = rollout_weights.prepare(model)
+        return prepare_rollout_model(model) if prepare_rollout_model is not None else model
+
+    if rollout_axes:
+        weights = ReshardedWeights(trainer, make_mesh(rollout_axes, rollout_devices), prepare)
+    else:
+        weights = ColocatedWeights(trainer, prepare)
     weights.publish(state, rl.policy_version)
     logprobs_fn = make_logprobs(trainer)
     stops = levels_mod.stop_ids(tokenizer)
     writer = metrics.MetricsWriter(workdir, enabled=lead)
     report = RLProgress(total=t.steps, start=rl.step, enabled=lead and progress)
 
-    def run_round(round_: int, count: int) -> ScoredRound:
-        level = level_names[rl.curriculum.level]
-        prompts = levels_mod.draw_prompts(level, count, seed=rl.seed, step=rl.step,
-                                          round_=round_, thinking=r.mode == "thinking",
+    def run_round(step: int, round_: int, count: int) -> ScoredRound:
+        # The level and temperature are the trainer's latest (async: read from the other
+        # thread; a rebinding of `rl` is atomic).
+        current = rl
+        level = level_names[current.curriculum.level]
+        prompts = levels_mod.draw_prompts(level, count, seed=current.seed, step=step,
+                                          round_=round_, thinking=r.chat_mode == "thinking",
                                           tokenizer=tokenizer)
         start = time.perf_counter()
-        out = rollout_fn(weights.model, [p.ids for p in prompts],
-                         samples_per_prompt=r.samples_per_prompt,
-                         max_new_tokens=r.max_new_tokens,
-                         temperature=rl.temperature.temperature, eos_ids=stops,
-                         seed=rollout_seed(rl.seed, rl.step, round_), pad_id=tokenizer.pad_id,
-                         speculative=r.speculative, record_routing=r.routing_replay,
-                         policy_version=weights.version)
+        kw = dict(samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                  temperature=current.temperature.temperature, eos_ids=stops,
+                  seed=rollout_seed(current.seed, step, round_), pad_id=tokenizer.pad_id,
+                  speculative=r.speculative, record_routing=r.routing_replay)
+        if r.mode == "async":
+            out = chunked_rollout(weights.latest, [p.ids for p in prompts],
+                                  chunk_tokens=r.rollout_chunk_tokens, **kw)
+        else:
+            model, version = weights.latest()
+            out = rollout_fn(model, [p.ids for p in prompts], policy_version=version, **kw)
         rollout_seconds = time.perf_counter() - start
         start = time.perf_counter()
         examples, completions = [], []
@@ -310,18 +353,31 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         results = rewards_mod.score(reward_fn, examples, completions)
         return ScoredRound(out, prompts, results, rollout_seconds, time.perf_counter() - start)
 
+    def make_batch(step: int):
+        return collect(lambda round_, count: run_round(step, round_, count),
+                       prompts=r.prompts_per_step,
+                       over_sampling_prompts=r.over_sampling_prompts,
+                       max_extra_prompts=r.max_extra_prompts)
+
     records: list[dict[str, Any]] = []
     stopped_by = None
     first = rl.step
     last_plot = time.perf_counter()
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    with loop.StopFlag() as stop:
+    worker = (RolloutWorker(make_batch, queue_size=r.queue_size, start=rl.step).start()
+              if r.mode == "async" and rl.step < end else None)
+    # The worker stops (after its current chunk) however the loop ends.
+    with loop.StopFlag() as stop, contextlib.closing(worker) if worker else nullcontext():
         while rl.step < end:
             step_start = time.perf_counter()
+            collected = make_batch(rl.step) if worker is None else worker.get()
+            wait_seconds = time.perf_counter() - step_start if worker else 0.0  # idle
+            # Sync mode drops nothing (a sub-mesh rollout k steps behind is what the user
+            # asked for with weight_sync_every=k) but reports the staleness all the same.
+            collected, stale = drop_stale(
+                collected, samples=r.samples_per_prompt, version=rl.policy_version,
+                max_staleness=r.max_staleness if worker else np.iinfo(np.int32).max)
             level = rl.curriculum.level
-            collected = collect(run_round, prompts=r.prompts_per_step,
-                                over_sampling_prompts=r.over_sampling_prompts,
-                                max_extra_prompts=r.max_extra_prompts)
             batch = build_batch(collected, samples=r.samples_per_prompt, seq_len=t.seq_len,
                                 pad_id=tokenizer.pad_id, eps_low=float(rl.clip.eps_low),
                                 eps_high=float(rl.clip.eps_high),
@@ -332,7 +388,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             train_start = time.perf_counter()
             if r.recompute_logprobs:
                 batch["old_logprobs"] = np.asarray(logprobs_fn(
-                    state, rules.global_batch(batch, trainer.batch_sharding)))
+                    state, _global_batch(batch, trainer.batch_sharding)))
             else:
                 batch["old_logprobs"] = batch["rollout_logprobs"]
             logprob_seconds = time.perf_counter() - train_start
@@ -343,12 +399,15 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                 part["eps_low"] = np.full(rows, float(clip.eps_low), np.float32)
                 part["eps_high"] = np.full(rows, float(clip.eps_high), np.float32)
                 state, m = trainer.step(state,
-                                        rules.global_batch(part, trainer.batch_sharding))
+                                        _global_batch(part, trainer.batch_sharding))
                 m = jax.device_get(m)
                 step_metrics.append(m)
                 clip = adaptive.update(clip, m["clip_frac_low"], m["clip_frac_high"])
             train_seconds = time.perf_counter() - train_start
-            weights.publish(state, rl.policy_version + 1)
+            sync_start = time.perf_counter()
+            if (rl.step + 1) % r.weight_sync_every == 0 or not r.rollout_devices:
+                weights.publish(state, rl.policy_version + 1)
+            sync_seconds = time.perf_counter() - sync_start
 
             all_rewards = collected.all_rewards()
             passes = int((all_rewards >= 1.0).sum())
@@ -401,6 +460,11 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                                                         - logprob_seconds)
                                            if timed else None),
                 "policy_version": rl.policy_version, "batch_digest": digest,
+                "rollout_policy_version": weights.version,
+                "stale_groups": stale.groups, "stale_samples": stale.samples,
+                "staleness_max": stale.max_trained, "staleness_mean": stale.mean_trained,
+                "trained_samples": int((batch["loss_mask"].sum(1) > 0).sum()),
+                "queue_wait_seconds": wait_seconds, "weight_sync_seconds": sync_seconds,
                 "run_start": rl.step == first + 1,
             }
             writer.write(rl.step, record)  # TensorBoard takes the numbers

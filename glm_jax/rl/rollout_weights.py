@@ -35,6 +35,7 @@ from glm_jax.model import fp8_weights
 from glm_jax.model.params import RouterBias
 from glm_jax.model.transformer import GlmForCausalLM
 from glm_jax.train.trainer import Trainer, TrainState
+from sharding import rules
 
 ROLLOUT_DTYPES = ("model", "float32", "bfloat16", "fp8")
 # The weights and activations of each rollout dtype ("fp8": of what is not quantized).
@@ -93,11 +94,19 @@ class RolloutWeights:
 
     def model(self, state: TrainState) -> GlmForCausalLM:
         """The rollout's model holding `state`'s weights in the rollout precision."""
+        return self.prepare(self.trainer.model(state))
+
+    def prepare(self, model: GlmForCausalLM) -> GlmForCausalLM:
+        """`model` in the rollout precision, on the mesh it is on (the trainer's, or a
+        rollout mesh its weights were resharded to) with its shardings: the weight
+        publishers' `prepare_rollout_model` (glm_jax.rl.roles)."""
         if self._convert is None:
-            return self.trainer.model(state)
-        with jax.set_mesh(self.trainer.mesh):
-            params, biases = self._convert(state.params, state.biases)
-        return nnx.merge(self.graphdef, params, biases)
+            return model
+        mesh = model.mesh if model.mesh is not None else self.trainer.mesh
+        _, params, biases = nnx.split(model, nnx.Param, RouterBias)
+        with jax.set_mesh(mesh):
+            params, biases = self._convert(params, biases)
+        return rules.bind_mesh(nnx.merge(self.graphdef, params, biases), mesh)
 
 
 def param_bytes(model: GlmForCausalLM) -> int:
