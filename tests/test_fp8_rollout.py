@@ -230,3 +230,28 @@ def test_fp8_copy_keeps_the_trainers_shardings_on_a_mesh(trainer_and_state):
     assert w.codes.sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
     assert not kernel.sharding.is_fully_replicated
     np.testing.assert_allclose(logits[1], logits[0], atol=2e-5, rtol=0)
+
+
+def test_fp8_copy_on_a_rollout_mesh_equals_the_colocated_one(trainer_and_state):
+    """The publisher of the disaggregated mode (roles.ReshardedWeights) with the FP8
+    preparation as its prepare_rollout_model: the published codes live on the rollout
+    mesh's devices and its logits are the colocated FP8 model's."""
+    from glm_jax.rl.roles import ReshardedWeights
+
+    trainer = trainer_and_state[0]
+    state = trainer.init()
+    weights = RolloutWeights(trainer, "fp8", fp8_layout="channel", compute_dtype="float32")
+    rollout_mesh = make_mesh({"data": 2}, jax.devices()[4:6])
+    publisher = ReshardedWeights(trainer, rollout_mesh, weights.prepare)
+    publisher.publish(state, 3)
+    model, version = publisher.latest()
+    assert version == 3
+    w = model.moe_layers.layers.mlp.w_gate.get_value()
+    assert isinstance(w, Fp8Weight) and w.codes.dtype == jnp.float8_e4m3fn
+    assert set(w.codes.sharding.device_set) == set(jax.devices()[4:6])
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 12)), jnp.int32)
+    logits = []
+    for m, mesh in ((weights.model(state), trainer.mesh), (model, rollout_mesh)):
+        with jax.set_mesh(mesh):
+            logits.append(np.asarray(nnx.jit(lambda m: m(ids).logits)(m)))
+    np.testing.assert_allclose(logits[1], logits[0], atol=2e-5, rtol=0)
