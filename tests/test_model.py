@@ -168,13 +168,38 @@ def test_dot_product_attention_backend_matches_einsum():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_residual"])
 def test_remat_keeps_gradients(policy):
     ids = _ids((1, 8))
     _, _, ref = _loss_and_grads(TINY, ids)
     _, _, got = _loss_and_grads(TINY.replace(remat_policy=policy), ids)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_save_qkv_residual_recomputes_no_attention_projection():
+    """remat_policy="save_qkv_residual" keeps q, k, v and the post-attention residual, so the
+    backward pass recomputes none of the q/k/v/o projections that "full" recomputes: the
+    compiled gradient step has exactly their forward FLOPs fewer matmul FLOPs."""
+    from sharding.hlo_stats import matmul_flops
+
+    b, t = 1, 8
+    ids = _ids((b, t))
+
+    def flops(policy):
+        graphdef, state = nnx.split(_model(TINY.replace(remat_policy=policy)))
+
+        def loss(state):
+            out = nnx.merge(graphdef, state)(ids)
+            return jnp.mean(out.logits ** 2) + jnp.mean(out.mtp_logits[0] ** 2)
+
+        return matmul_flops(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
+
+    c = TINY
+    qkvo = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
+        + c.num_attention_heads * c.head_dim * c.hidden_size
+    layers = c.num_hidden_layers + c.num_mtp_layers  # the MTP block is rematerialized too
+    assert flops("full") - flops("save_qkv_residual") == 2 * b * t * qkvo * layers
 
 
 def test_chunked_causal_attention_equals_full_attention():
