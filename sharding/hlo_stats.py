@@ -229,6 +229,23 @@ def _matmul_flops(op: str, rtype: str, operands: list[str], rest: str,
     contracted = lhs[m.group(1).index("f")]
     groups = re.search(r"feature_group_count=(\d+)", rest)
     contracted //= int(groups.group(1)) if groups else 1
+    # Spatial dimensions with a window: a second contracted dimension (window={size=96}
+    # over an input of 96 into an output of 1: a dot over heads x head_dim, 96 taps per
+    # output element), or a batch dimension (size=8 pad=7_7 over an input of 1 into an
+    # output of 8: one tap). Count the taps that land on the input, per output element.
+    window = re.search(r"window=\{size=([\dx]+)(?: pad=([\d_x]+))?", rest)
+    labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", rest)
+    if window and labels:
+        sizes = [int(w) for w in window.group(1).split("x")]
+        pads = [int(p.split("_")[0]) for p in window.group(2).split("x")] \
+            if window.group(2) else [0] * len(sizes)
+        out_dims = _dims(rtype)
+        for d, (w, pad) in enumerate(zip(sizes, pads)):
+            i_size = lhs[labels.group(1).index(str(d))]
+            o_size = out_dims[labels.group(2).index(str(d))]
+            pairs = sum(max(0, min(i_size, o_size - pad + t) - max(0, t - pad))
+                        for t in range(w))  # inputs i with 0 <= i + pad - t < o_size
+            contracted *= pairs / o_size
     return 2.0 * out * contracted
 
 
