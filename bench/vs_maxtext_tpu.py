@@ -89,10 +89,6 @@ def compile_maxtext(python: str, args: list[str], work: str):
     """Run MaxText's train_compile in `python`'s environment; returns (Plan, stdout tail).
     The Plan's state/temporaries come from the printed memory analysis, FLOPs, bytes and
     collectives from the dumped optimized HLO, read as glm-jax's plan reads its own."""
-    from sharding.hlo_stats import (collective_bytes, hbm_bytes, kernel_flops, matmul_flops,
-                                    splash_flops)
-    from sharding.plan import Plan
-
     code = ("import sys, runpy; sys.argv = ['train_compile'] + sys.argv[1:]; "
             "import maxtext, os; base = os.path.join(os.path.dirname(maxtext.__file__), "
             "'configs', 'base.yml'); sys.argv.insert(1, base); "
@@ -112,10 +108,25 @@ def compile_maxtext(python: str, args: list[str], work: str):
     log = proc.stdout + proc.stderr
     with open(os.path.join(work, "maxtext.log"), "w") as f:
         f.write(log)
-    mem = re.search(r"Memory analysis: CompiledMemoryStats\(([^)]*)\)", log)
-    if proc.returncode or not mem:
+    if proc.returncode:
         tail = "\n".join(log.strip().splitlines()[-15:])
         raise RuntimeError(f"MaxText train_compile failed (exit {proc.returncode}):\n{tail}")
+    return read_maxtext(work, _chips(args), wall, cpu)
+
+
+def read_maxtext(work: str, chips: int, wall: float = 0.0, cpu: float = 0.0):
+    """(Plan, grouped-matmul buffer rows) of a finished MaxText compile in `work` (its log
+    and dumped HLO); analytic FLOPs and the buffer fill are left to the caller."""
+    from sharding.hlo_stats import (collective_bytes, hbm_bytes, kernel_flops, matmul_flops,
+                                    splash_flops)
+    from sharding.plan import Plan
+
+    with open(os.path.join(work, "maxtext.log")) as f:
+        log = f.read()
+    dump = os.path.join(work, "hlo")
+    mem = re.search(r"Memory analysis: CompiledMemoryStats\(([^)]*)\)", log)
+    if not mem:
+        raise RuntimeError(f"no memory analysis in {work}/maxtext.log")
     stats = {k: float(v) for k, v in re.findall(r"(\w+)=(\d+)", mem.group(1))}
     flops = re.search(r"'flops': ([\d.e+]+)", log)
     paths = glob.glob(os.path.join(dump, "*train_step*after_optimizations.txt"))
@@ -125,11 +136,12 @@ def compile_maxtext(python: str, args: list[str], work: str):
         hlo = f.read()
     gmm_rows = [int(m) for m in re.findall(r"%gmm[.\d]* = bf16\[(\d+),\d+\]", hlo)]
     n = int(stats["argument_size_in_bytes"])
+    # `params` holds all arguments: MaxText's memory analysis does not split them
     plan = Plan(params=float(n), opt_state=0.0, other_state=0.0,
                 temp=stats["temp_size_in_bytes"], code=stats["generated_code_size_in_bytes"],
                 total=stats["argument_size_in_bytes"] + stats["temp_size_in_bytes"]
                 + stats["output_size_in_bytes"] - stats["alias_size_in_bytes"],
-                collectives=collective_bytes(hlo, _chips(args)), compile_seconds=wall,
+                collectives=collective_bytes(hlo, chips), compile_seconds=wall,
                 flops=float(flops.group(1)) if flops else 0.0,
                 kernel_flops=kernel_flops(hlo), kernel_flops_once=kernel_flops(hlo, False),
                 compile_cpu_seconds=cpu, matmul_flops=matmul_flops(hlo),
