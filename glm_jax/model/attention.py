@@ -162,9 +162,9 @@ class Attention(nnx.Module):
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         b, t, _ = x.shape
-        # Named for remat_policy="save_qkv_residual", which keeps the projections' outputs
-        # for the backward pass instead of recomputing them; before the QK norm, whose
-        # backward needs its input (identity without that policy).
+        # Named for remat_policy="save_qkv_residual" / "save_kv_residual", which keep the
+        # projections' outputs for the backward pass instead of recomputing them; named
+        # before the QK norm, whose backward needs its input (identity under other policies).
         q = checkpoint_name(self.q_proj(x), "query_proj").reshape(
             b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(self.k_proj(x), "key_proj").reshape(

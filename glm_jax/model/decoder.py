@@ -31,6 +31,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     # B T (H + (heads + 2 kv_heads) head_dim) activations in the compute dtype.
     "save_qkv_residual": jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attention_residual"),
+    # The same without q (heads x head_dim wide, the largest): the backward recomputes
+    # only the q projection of the four, for B T (H + 2 kv_heads head_dim) per layer.
+    "save_kv_residual": jax.checkpoint_policies.save_only_these_names(
+        "key_proj", "value_proj", "attention_residual"),
 }
 
 
