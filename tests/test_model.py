@@ -168,7 +168,8 @@ def test_dot_product_attention_backend_matches_einsum():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_residual"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_residual",
+                                    "save_kv_residual"])
 def test_remat_keeps_gradients(policy):
     ids = _ids((1, 8))
     _, _, ref = _loss_and_grads(TINY, ids)
@@ -177,10 +178,11 @@ def test_remat_keeps_gradients(policy):
         np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
 
 
-def test_save_qkv_residual_recomputes_no_attention_projection():
+def test_saving_remat_policies_skip_the_attention_projections():
     """remat_policy="save_qkv_residual" keeps q, k, v and the post-attention residual, so the
-    backward pass recomputes none of the q/k/v/o projections that "full" recomputes: the
-    compiled gradient step has exactly their forward FLOPs fewer matmul FLOPs."""
+    backward pass recomputes none of the q/k/v/o projections that "full" recomputes;
+    "save_kv_residual" recomputes q only. The compiled gradient step has exactly those
+    projections' forward FLOPs fewer matmul FLOPs than with "full"."""
     from sharding.hlo_stats import matmul_flops
 
     b, t = 1, 8
@@ -196,10 +198,12 @@ def test_save_qkv_residual_recomputes_no_attention_projection():
         return matmul_flops(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
 
     c = TINY
-    qkvo = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
-        + c.num_attention_heads * c.head_dim * c.hidden_size
+    q = o = c.hidden_size * c.num_attention_heads * c.head_dim
+    kv = 2 * c.hidden_size * c.num_key_value_heads * c.head_dim
     layers = c.num_hidden_layers + c.num_mtp_layers  # the MTP block is rematerialized too
-    assert flops("full") - flops("save_qkv_residual") == 2 * b * t * qkvo * layers
+    full = flops("full")
+    assert full - flops("save_qkv_residual") == 2 * b * t * (q + kv + o) * layers
+    assert full - flops("save_kv_residual") == 2 * b * t * (kv + o) * layers
 
 
 def test_chunked_causal_attention_equals_full_attention():
