@@ -36,7 +36,8 @@ _HF_DEFAULT_ROPE = {"rope_theta": 10_000.0, "partial_rotary_factor": 0.5}
 
 MoeBackend = Literal["ragged_dot", "buckets", "dense"]
 AttentionBackend = Literal["einsum", "dot_product_attention"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_qkv_residual",
+                      "save_kv_residual"]
 
 
 def _freeze(value: Any) -> Any:
@@ -175,8 +176,10 @@ class GlmConfig:
             fail("capacity_factor", "must be positive, or None for dropless")
         if self.attention_backend not in ("einsum", "dot_product_attention"):
             fail("attention_backend", "must be 'einsum' or 'dot_product_attention'")
-        if self.remat_policy not in ("none", "full", "dots", "dots_no_batch"):
-            fail("remat_policy", "must be one of none, full, dots, dots_no_batch")
+        if self.remat_policy not in ("none", "full", "dots", "dots_no_batch",
+                                     "save_qkv_residual", "save_kv_residual"):
+            fail("remat_policy", "must be one of none, full, dots, dots_no_batch, "
+                 "save_qkv_residual, save_kv_residual")
 
     # ---------------------------------------------------------------- HF <-> us
     @classmethod

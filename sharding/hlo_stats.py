@@ -107,10 +107,32 @@ def kernel_flops(hlo: str, per_trip: bool = True) -> dict[str, float]:
                 continue
             flops = re.search(r'"cost_estimate":\{"flops":"(\d+)"', line)
             kernel = re.match(r"\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=", line)
-            if flops:
-                out[kernel.group(1) if kernel else "other"] += mult.get(name, 0.0) * \
-                    float(flops.group(1))
+            name_of = kernel.group(1) if kernel else "other"
+            count = float(flops.group(1)) if flops else _grouped_matmul_shape_flops(
+                name_of, line)
+            if count:
+                out[name_of] += mult.get(name, 0.0) * count
     return dict(out)
+
+
+def _grouped_matmul_shape_flops(kernel: str, line: str) -> float:
+    """2 M K N of a megablox gmm / tgmm call that declares no cost (MaxText's own copy of
+    the kernels does not), from its shapes, over all M static rows as jax's megablox
+    declares: gmm's result is [M, N] with an lhs operand [M, K]; tgmm's result is the
+    weight gradient [G, K, N] with operands [M, K] and [M, N]. Other kernels: 0."""
+    result = re.match(r"[^=]*=\s*([a-z]+\d*\[[\d,]*\])", line)
+    layouts = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
+    if kernel not in ("gmm", "tgmm") or not result or not layouts:
+        return 0.0
+    out = _dims(result.group(1))
+    rows2d = [[int(d) for d in dims.split(",")]
+              for dims in re.findall(r"\b(?:bf16|f32|f16)\[(\d+,\d+)\]", layouts.group(1))]
+    if kernel == "gmm" and len(out) == 2:
+        lhs = next((s for s in rows2d if s[0] == out[0]), None)
+        return 2.0 * out[0] * lhs[1] * out[1] if lhs else 0.0
+    if kernel == "tgmm" and len(out) == 3 and rows2d:
+        return 2.0 * rows2d[0][0] * out[1] * out[2]
+    return 0.0
 
 
 def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
@@ -207,6 +229,23 @@ def _matmul_flops(op: str, rtype: str, operands: list[str], rest: str,
     contracted = lhs[m.group(1).index("f")]
     groups = re.search(r"feature_group_count=(\d+)", rest)
     contracted //= int(groups.group(1)) if groups else 1
+    # Spatial dimensions with a window: a second contracted dimension (window={size=96}
+    # over an input of 96 into an output of 1: a dot over heads x head_dim, 96 taps per
+    # output element), or a batch dimension (size=8 pad=7_7 over an input of 1 into an
+    # output of 8: one tap). Count the taps that land on the input, per output element.
+    window = re.search(r"window=\{size=([\dx]+)(?: pad=([\d_x]+))?", rest)
+    labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", rest)
+    if window and labels:
+        sizes = [int(w) for w in window.group(1).split("x")]
+        pads = [int(p.split("_")[0]) for p in window.group(2).split("x")] \
+            if window.group(2) else [0] * len(sizes)
+        out_dims = _dims(rtype)
+        for d, (w, pad) in enumerate(zip(sizes, pads)):
+            i_size = lhs[labels.group(1).index(str(d))]
+            o_size = out_dims[labels.group(2).index(str(d))]
+            pairs = sum(max(0, min(i_size, o_size - pad + t) - max(0, t - pad))
+                        for t in range(w))  # inputs i with 0 <= i + pad - t < o_size
+            contracted *= pairs / o_size
     return 2.0 * out * contracted
 
 

@@ -168,13 +168,42 @@ def test_dot_product_attention_backend_matches_einsum():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_qkv_residual",
+                                    "save_kv_residual"])
 def test_remat_keeps_gradients(policy):
     ids = _ids((1, 8))
     _, _, ref = _loss_and_grads(TINY, ids)
     _, _, got = _loss_and_grads(TINY.replace(remat_policy=policy), ids)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_saving_remat_policies_skip_the_attention_projections():
+    """remat_policy="save_qkv_residual" keeps q, k, v and the post-attention residual, so the
+    backward pass recomputes none of the q/k/v/o projections that "full" recomputes;
+    "save_kv_residual" recomputes q only. The compiled gradient step has exactly those
+    projections' forward FLOPs fewer matmul FLOPs than with "full"."""
+    from sharding.hlo_stats import matmul_flops
+
+    b, t = 1, 8
+    ids = _ids((b, t))
+
+    def flops(policy):
+        graphdef, state = nnx.split(_model(TINY.replace(remat_policy=policy)))
+
+        def loss(state):
+            out = nnx.merge(graphdef, state)(ids)
+            return jnp.mean(out.logits ** 2) + jnp.mean(out.mtp_logits[0] ** 2)
+
+        return matmul_flops(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
+
+    c = TINY
+    q = o = c.hidden_size * c.num_attention_heads * c.head_dim
+    kv = 2 * c.hidden_size * c.num_key_value_heads * c.head_dim
+    layers = c.num_hidden_layers + c.num_mtp_layers  # the MTP block is rematerialized too
+    full = flops("full")
+    assert full - flops("save_qkv_residual") == 2 * b * t * (q + kv + o) * layers
+    assert full - flops("save_kv_residual") == 2 * b * t * (kv + o) * layers
 
 
 def test_chunked_causal_attention_equals_full_attention():

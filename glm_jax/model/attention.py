@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import GlmConfig
@@ -161,9 +162,15 @@ class Attention(nnx.Module):
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        # Named for remat_policy="save_qkv_residual" / "save_kv_residual", which keep the
+        # projections' outputs for the backward pass instead of recomputing them; named
+        # before the QK norm, whose backward needs its input (identity under other policies).
+        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(
+            b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(
+            b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(
+            b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # per head, over all head_dim dims, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v

@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from glm_jax.config import GlmConfig
 from glm_jax.model.attention import Attention
@@ -24,6 +25,16 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep q, k, v (after RoPE) and the residual stream after attention: the backward pass
+    # then recomputes only the attention kernel's forward (its output and softmax
+    # statistics) and the MoE / MLP block, not the q/k/v/o projections. Costs per layer
+    # B T (H + (heads + 2 kv_heads) head_dim) activations in the compute dtype.
+    "save_qkv_residual": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_residual"),
+    # The same without q (heads x head_dim wide, the largest): the backward recomputes
+    # only the q projection of the four, for B T (H + 2 kv_heads head_dim) per layer.
+    "save_kv_residual": jax.checkpoint_policies.save_only_these_names(
+        "key_proj", "value_proj", "attention_residual"),
 }
 
 
@@ -45,7 +56,7 @@ class DecoderLayer(nnx.Module):
         # The scopes name the parts in XLA's op metadata (bench/op_profile.py).
         with jax.named_scope("attention"):
             a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
-            x = x + a
+            x = checkpoint_name(x + a, "attention_residual")  # see REMAT_POLICIES
         with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
             if isinstance(self.mlp, MoE):
                 out = self.mlp(self.post_attn_norm(x), routed_experts)
