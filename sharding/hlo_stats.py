@@ -235,7 +235,9 @@ def _matmul_flops(op: str, rtype: str, operands: list[str], rest: str,
     # output of 8: one tap). Count the taps that land on the input, per output element.
     window = re.search(r"window=\{size=([\dx]+)(?: pad=([\d_x]+))?", rest)
     labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", rest)
-    if window and labels:
+    # Dilated or strided windows (batch dimensions written with lhs_dilate) keep the
+    # one-tap count: the tap formula below assumes stride 1 and no dilation.
+    if window and labels and not re.search(r"(dilate|stride)=", rest):
         sizes = [int(w) for w in window.group(1).split("x")]
         pads = [int(p.split("_")[0]) for p in window.group(2).split("x")] \
             if window.group(2) else [0] * len(sizes)
