@@ -63,6 +63,15 @@ def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def global_batch_from_whole(batch: dict[str, Any], sharding: NamedSharding
+                            ) -> dict[str, jax.Array]:
+    """The whole batch (host arrays that every process holds alike, e.g. built from the
+    same seeds) -> the global batch laid out by `sharding`: each process places the rows of
+    its own devices. With one process it equals global_batch."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
 def partition_spec(axes: tuple[str | None, ...], mesh: jax.sharding.Mesh,
                    shape: tuple[int, ...] | None = None) -> PartitionSpec:
     """PartitionSpec for logical `axes` on `mesh`: mesh axes absent from the mesh (or of

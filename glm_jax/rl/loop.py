@@ -43,7 +43,6 @@ import hashlib
 import os
 import signal
 import time
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import jax
@@ -70,6 +69,7 @@ from glm_jax.rl.sampling import ScoredRound, build_batch, collect
 from glm_jax.rl.temperature import PlateauTemperature, TemperatureState
 from glm_jax.train import checkpoint, loop, metrics, run_config
 from glm_jax.train.trainer import Trainer, TrainState, make_trainer
+from sharding import rules
 from sharding.mesh import make_mesh
 
 
@@ -182,14 +182,6 @@ def make_logprobs(trainer: Trainer) -> Callable[[TrainState, dict], jax.Array]:
             return jitted(state.params, state.biases, batch)
 
     return logprobs
-
-
-def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
-                  ) -> dict[str, jax.Array]:
-    """The whole batch (every process builds the same one, from the same seeds and the
-    same replicated rollout) laid out by `sharding`: each process places its own rows."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in batch.items()}
 
 
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float | None:
@@ -367,7 +359,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     worker = (RolloutWorker(make_batch, queue_size=r.queue_size, start=rl.step).start()
               if r.mode == "async" and rl.step < end else None)
     # The worker stops (after its current chunk) however the loop ends.
-    with loop.StopFlag() as stop, contextlib.closing(worker) if worker else nullcontext():
+    with (loop.StopFlag() as stop,
+          contextlib.closing(worker) if worker else contextlib.nullcontext()):
         while rl.step < end:
             step_start = time.perf_counter()
             collected = make_batch(rl.step) if worker is None else worker.get()
@@ -388,7 +381,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             train_start = time.perf_counter()
             if r.recompute_logprobs:
                 batch["old_logprobs"] = np.asarray(logprobs_fn(
-                    state, _global_batch(batch, trainer.batch_sharding)))
+                    state, rules.global_batch_from_whole(batch, trainer.batch_sharding)))
             else:
                 batch["old_logprobs"] = batch["rollout_logprobs"]
             logprob_seconds = time.perf_counter() - train_start
@@ -398,8 +391,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                 part = {k: v[u * rows:(u + 1) * rows] for k, v in batch.items()}
                 part["eps_low"] = np.full(rows, float(clip.eps_low), np.float32)
                 part["eps_high"] = np.full(rows, float(clip.eps_high), np.float32)
-                state, m = trainer.step(state,
-                                        _global_batch(part, trainer.batch_sharding))
+                state, m = trainer.step(
+                    state, rules.global_batch_from_whole(part, trainer.batch_sharding))
                 m = jax.device_get(m)
                 step_metrics.append(m)
                 clip = adaptive.update(clip, m["clip_frac_low"], m["clip_frac_high"])
