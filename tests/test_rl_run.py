@@ -181,10 +181,13 @@ def test_sigterm_then_resume_continues_the_same_curriculum_and_batches(tmp_path)
     ("--config.init_from=/nonexistent/sft", "config.init_from=/nonexistent/sft: no such"),
     ("--config.rl.mode=overlap", "config.rl.mode='overlap': must be 'sync'"),
     ("--config.rl.mode=async", "config.rl.rollout_devices=0: async mode needs the rollout"),
+    ("--config.init_from= --config.rl.rollout_devices=9",  # the tests' 8 CPU devices
+     "leave the trainer at least one of the 8 devices; on CPU, simulate 18 devices with "
+     "XLA_FLAGS=--xla_force_host_platform_device_count=18"),
 ])
 def test_bad_flags_are_one_line_exit_2(flag, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "glm_jax.rl", "--workdir", str(tmp_path),
-                           flag], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           *flag.split()], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -242,7 +242,14 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     try:
         trainer_devices, rollout_devices = split_devices(jax.devices(), r.rollout_devices)
     except ValueError as e:
-        raise ConfigError(f"config.rl.{e}") from None
+        devices = jax.devices()
+        hint = ""
+        if devices[0].platform == "cpu" and r.rollout_devices >= len(devices):
+            wanted = 2 * r.rollout_devices
+            hint = (f"; on CPU, simulate {wanted} devices with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={wanted} (set before python "
+                    "starts)")
+        raise ConfigError(f"config.rl.{e}{hint}") from None
     mesh_axes = run_config.mesh_axes(t.mesh, trainer_devices)
     rows = t.batch_size // r.updates_per_rollout  # per optimizer step
     shards = mesh_axes["data"] * mesh_axes["fsdp"] * mesh_axes["expert"]
