@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from glm_jax.chat.tokens import load_chat_tokenizer
 from glm_jax.cli_errors import ConfigError
+from glm_jax.rl import evaluation
 from glm_jax.rl import levels as levels_mod
 from glm_jax.rl import rewards as rewards_mod
 from glm_jax.rl.async_rollout import RolloutWorker, drop_stale
@@ -116,6 +117,10 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("samples_per_prompt", "group-relative advantages need >= 2 samples per prompt")
     if not isinstance(r.max_extra_prompts, int) or r.max_extra_prompts < 0:
         fail("max_extra_prompts", "must be >= 0 (0 = no refill)")
+    if not isinstance(r.eval_every, int) or r.eval_every < 0:
+        fail("eval_every", "must be >= 0 (0 = no held-out evaluation)")
+    if not isinstance(r.eval_prompts, int) or r.eval_prompts < 1:
+        fail("eval_prompts", "must be a positive integer")
     if r.chat_mode not in ("thinking", "non_thinking"):
         fail("chat_mode", "must be 'thinking' or 'non_thinking'")
     check_roles(r)
@@ -358,6 +363,27 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                        over_sampling_prompts=r.over_sampling_prompts,
                        max_extra_prompts=r.max_extra_prompts)
 
+    held_out = (evaluation.held_out_prompts(level_names, r.eval_prompts, seed=r.seed,
+                                            thinking=r.chat_mode == "thinking",
+                                            tokenizer=tokenizer) if r.eval_every else None)
+    evaluated: set[int] = set()
+
+    def run_evaluation(step: int) -> None:  # the trainer's own weights, not the rollout copy
+        from glm_jax.rl.rollout import rollout
+
+        m = evaluation.evaluate(trainer.model(state), held_out, reward_fn=reward_fn,
+                                rollout_fn=rollout, tokenizer=tokenizer,
+                                max_new_tokens=r.max_new_tokens, eos_ids=stops,
+                                pad_id=tokenizer.pad_id)
+        writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+        evaluated.add(step)
+        if lead:
+            print(f"eval step {step}: held-out greedy reward {m['reward']:.3f} ("
+                  + ", ".join(f"{n} {m[f'reward/{n}']:.3f}" for n in level_names)
+                  + f"; {r.eval_prompts} prompts per level)", flush=True)
+
+    if held_out and rl.step == 0:
+        run_evaluation(0)
     records: list[dict[str, Any]] = []
     stopped_by = None
     first = rl.step
@@ -471,6 +497,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             records.append({"step": rl.step, **record})
             report.step(rl.step, record)
             checkpoint.save(manager, rl.step, state, None, config_json, extra=rl.to_dict())
+            if held_out and rl.step % r.eval_every == 0:
+                run_evaluation(rl.step)
             if lead and time.perf_counter() - last_plot > 30:  # a plot costs ~1 s
                 plot_rl(workdir, level_names)
                 last_plot = time.perf_counter()
@@ -482,6 +510,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             checkpoint.save(manager, rl.step, state, None, config_json, force=True,
                             extra=rl.to_dict())
         manager.wait_until_finished()
+    if held_out and not stopped_by and rl.step == t.steps and rl.step not in evaluated:
+        run_evaluation(rl.step)
     manager.close()
     writer.close()
     if lead:

@@ -1,6 +1,7 @@
 """rl_curves.png: the RL run's curves from metrics.jsonl (the whole run across resumes,
-resume points marked): reward, pass rate per curriculum level, response length, clipped
-fractions with the clip range, entropy, and the sampling temperature."""
+resume points marked): reward (sampled, and the held-out greedy evaluation's), pass rate
+per curriculum level, response length, clipped fractions with the clip range, entropy,
+and the sampling temperature."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from glm_jax.train.metrics import read_metrics, save_figure
 def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
     """Writes WORKDIR/rl_curves.png (a temporary file, then renamed); returns its path, or
     None before the first step."""
-    records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "reward" in r]
+    everything = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = [r for r in everything if "reward" in r]
+    evals = [r for r in everything if "eval/reward" in r]
     if not records:
         return None
     import matplotlib
@@ -36,6 +39,9 @@ def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
 
         smooth = np.convolve(ys, np.ones(5) / 5, mode="valid")
         reward.plot(xs[4:], smooth, lw=2, label="5-step moving average")
+    if evals:
+        reward.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "s-",
+                    color="black", label="held-out, greedy (all levels)")
     reward.set_title("reward")
     for name in level_names:
         xs, ys = series(f"pass_rate/{name}")
