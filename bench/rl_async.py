@@ -7,8 +7,9 @@ continuously in a background thread), then compares from their metrics.jsonl:
 - the wall time to a fixed number of trained samples (samples with a non-zero loss mask,
   counted after each run's first, compiling, step; async drops stale groups, so it may
   need more steps for as many samples),
-- the reward per step (a figure: docs/rl_async_vs_sync.png), the staleness of what was
-  trained and the stale groups dropped.
+- the reward per step and the held-out greedy reward (config.rl.eval_every) of both runs
+  (a figure: docs/rl_async_vs_sync.png), the staleness of what was trained and the stale
+  groups dropped.
 
 On simulated CPU devices every role shares the same cores, so async shows overlap (the
 trainer's idle time behind the rollout goes away), not a speed-up.
@@ -47,7 +48,7 @@ def time_to_samples(records: list[dict], samples: int) -> tuple[float | None, in
     return None, len(records)
 
 
-def plot(runs: dict[str, list[dict]], path: str) -> None:
+def plot(runs: dict[str, list[dict]], evals: dict[str, list[dict]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,10 +59,14 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in runs.items():
         steps = [r["step"] for r in records]
-        axes[0].plot(steps, [r["reward"] for r in records], label=name, alpha=0.8)
+        axes[0].plot(steps, [r["reward"] for r in records], label=f"{name}, sampled", alpha=0.5)
+        if evals[name]:
+            axes[0].plot([r["step"] for r in evals[name]],
+                         [r["eval/reward"] for r in evals[name]], "s-",
+                         label=f"{name}, held-out greedy")
         elapsed = np.cumsum([r["step_seconds"] for r in records])
         axes[1].plot(elapsed, np.cumsum([r["trained_samples"] for r in records]), label=name)
-    axes[0].set(xlabel="RL step", ylabel="mean reward (all samples of the step)",
+    axes[0].set(xlabel="RL step", ylabel="mean reward",
                 title="reward per step")
     axes[1].set(xlabel="wall seconds (first step: compilation)",
                 ylabel="trained samples", title="trained samples over time")
@@ -86,7 +91,7 @@ def main() -> None:
     args = p.parse_args(own)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
-    runs, walls, shown = {}, {}, {}
+    runs, evals, walls, shown = {}, {}, {}, {}
     load_before = os.getloadavg()
     for mode in ("sync", "async"):
         workdir = os.path.join(args.workdir, mode)
@@ -98,10 +103,12 @@ def main() -> None:
                        cwd=ROOT, env=env, check=True)
         walls[mode] = time.perf_counter() - start
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            runs[mode] = [json.loads(line) for line in f if line.strip()]
+            everything = [json.loads(line) for line in f if line.strip()]
+        runs[mode] = [r for r in everything if "reward" in r]  # training steps
+        evals[mode] = [r for r in everything if "eval/reward" in r]
     load_after = os.getloadavg()
     if not args.no_docs:
-        plot(runs, os.path.join(DOCS, FIGURE))
+        plot(runs, evals, os.path.join(DOCS, FIGURE))
 
     lines = []
     for mode, records in runs.items():
@@ -124,7 +131,10 @@ def main() -> None:
             f"reward first {k} steps {np.mean(rewards[:k]):.3f}, last {k} "
             f"{np.mean(rewards[-k:]):.3f}; staleness of trained tokens max "
             f"{max(r['staleness_max'] for r in records)}, stale groups dropped "
-            f"{sum(r['stale_groups'] for r in records)}.")
+            f"{sum(r['stale_groups'] for r in records)}"
+            + ("; held-out greedy reward by step: " + ", ".join(
+                f"{r['step']}: {r['eval/reward']:.3f}" for r in evals[mode]) if evals[mode]
+               else "") + ".")
     text = f"""
 ## RL sync vs async on split devices (issue 17, `bench/rl_async.py`)
 

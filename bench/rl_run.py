@@ -1,6 +1,6 @@
 """An RL run of `python -m glm_jax.rl` as a benchmark: runs the command (a subprocess, the
-exact command recorded), then summarizes its metrics.jsonl: the reward on the first and
-last steps, trainer tokens/s, rollout tokens/s, the share of wall time in rollout, reward
+exact command recorded), then summarizes its metrics.jsonl: the held-out greedy reward
+(config.rl.eval_every) per evaluation, the sampled reward on the first and last steps, trainer tokens/s, rollout tokens/s, the share of wall time in rollout, reward
 and training, the dynamic-sampling counts; copies the run's rl_curves.png to docs/ and
 appends the section to docs/benchmarks.md.
 
@@ -71,8 +71,22 @@ def main() -> None:
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        everything = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in everything if "reward" in r]  # training steps
+    evals = [r for r in everything if "eval/reward" in r]
     s = summarize(records)
+    levels = sorted({k[len("eval/reward/"):] for r in evals for k in r
+                     if k.startswith("eval/reward/")})
+    eval_rows = "\n".join(f"| {r['step']} | {r['eval/reward']:.3f} | "
+                          + " | ".join(f"{r[f'eval/reward/{n}']:.3f}" for n in levels) + " |"
+                          for r in evals)
+    eval_table = (f"""
+Held-out greedy reward (config.rl.eval_every; fixed prompts per level, temperature 0):
+
+| RL step | all | {' | '.join(levels)} |
+|---|---|{'---|' * len(levels)}
+{eval_rows}
+""" if evals else "")
     fmt = lambda x, spec=".0f": "n/a" if x is None else format(x, spec)  # noqa: E731
     figure = None
     if not args.no_docs and os.path.exists(os.path.join(args.workdir, "rl_curves.png")):
@@ -98,7 +112,7 @@ after (1-minute). One process, one CPU device, float32, colocated synchronous mo
   {s['logprob_share']:.0%}); the rest is batch building, metrics and checkpoints.
 - Dynamic sampling: {s['filtered_groups']} of {s['prompts_sampled']} sampled groups filtered
   (all rewards equal); {s['padded_groups']} batch slots padded with masked groups.
-""" + ("\n![RL curves](rl_curves_tiny.png)\n" if figure else "")
+""" + eval_table + ("\n![RL curves](rl_curves_tiny.png)\n" if figure else "")
     print(text)
     if not args.no_docs:
         with open(os.path.join(DOCS, "benchmarks.md"), "a") as f:

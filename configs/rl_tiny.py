@@ -1,9 +1,11 @@
 """RL of the SFT demo model (configs/sft_tiny.py) on the embedded verifiable tasks:
 `python -m glm_jax.rl [--config.init_from=runs/sft_tiny] [--workdir runs/rl_tiny]`.
-About 7 minutes on a 2-core CPU (60 steps of 8 prompts x 8 samples; docs/benchmarks.md,
-"RL (issue 16)"). Adam's first steps move every weight by ~lr whatever the gradient, so the
-learning rate warms up over 10 steps (2e-3 after a 2-step warm-up collapsed the policy to
-one long wrong answer within 3 steps). Every field is a flag (`--help` lists them)."""
+A few minutes on a 2-core CPU (60 steps of 8 prompts x 8 samples; docs/benchmarks.md,
+"RL (issue 16)"). Adam moves every weight by ~lr per step whatever the gradient's size, and a
+64-sample gradient is mostly noise: 1e-3 collapsed a one-digit-addition policy's reward to ~0
+within 15 steps, 3e-4 raised the SFT demo model's held-out greedy reward on add2 from 0.45
+to 0.59-0.68 in 40 steps ("RL held-out reward, session 7"). The learning rate warms up over
+10 steps. Every field is a flag (`--help` lists them)."""
 
 import ml_collections
 
@@ -16,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = tiny.get_config().model  # replaced by init_from's model
     # steps are RL steps; batch_size = rl.prompts_per_step x rl.samples_per_prompt rows of
     # seq_len tokens (prompt + completion, right-padded).
-    add_training_sections(config, steps=60, batch_size=64, seq_len=64, learning_rate=1e-3,
+    add_training_sections(config, steps=60, batch_size=64, seq_len=64, learning_rate=3e-4,
                           warmup_steps=10, checkpoint_every=10, log_every=1, eval_every=0)
     config.init_from = "runs/sft_tiny"  # `python -m glm_jax.sft`'s default workdir
     config.optimizer.weight_decay = 0.0
