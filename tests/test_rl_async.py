@@ -2,9 +2,13 @@
 partial_rollout), on the 8 simulated CPU devices of conftest.py split 4 / 4.
 
 - Sync mode with the rollout on its own mesh (weights resharded to it every step) equals
-  the colocated sync mode on the same seed: the same batches, rewards and losses, and the
-  same parameters after the steps (float tolerance: the trainer's mesh differs, 4 devices
-  instead of 8, so its reductions sum in another order).
+  the colocated sync mode on the same seed: the same batches, rewards and losses, the same
+  held-out evaluations, and the same parameters after the steps (float tolerance: the
+  trainer's mesh differs, 4 devices instead of 8, so its reductions sum in another order).
+- The held-out evaluation (glm_jax.rl.evaluation, rl.eval_every): greedy completions of
+  fixed prompts per level at the start, every k steps and at the end; what metrics.jsonl
+  records is evaluate() on the saved final weights. Whether the reward it measures rises
+  after RL from the SFT demo model is bench/post_training.py's question (minutes).
 - Async mode: no group the trainer trains on is older than rl.max_staleness versions; the
   staleness filter itself on hand-made groups.
 - A partial rollout whose weights change between chunks: each token carries the version
@@ -12,6 +16,7 @@ partial_rollout), on the 8 simulated CPU devices of conftest.py split 4 / 4.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import types
@@ -23,6 +28,9 @@ from flax import nnx
 
 from configs import rl_tiny
 from glm_jax import GlmForCausalLM
+from glm_jax.chat.tokens import load_chat_tokenizer
+from glm_jax.convert import load_checkpoint
+from glm_jax.rl import evaluation, levels
 from glm_jax.rl.async_rollout import drop_stale
 from glm_jax.rl.loop import run_rl
 from glm_jax.rl.partial_rollout import chunk_seed, chunked_rollout
@@ -55,9 +63,20 @@ def _run(tmp_path, name: str, **changes) -> dict:
                   reward_fn=parity_reward)
 
 
+EVAL = {"rl.eval_every": 2, "rl.eval_prompts": 3}  # evaluations at steps 0, 2 and 3
+
+
+def _evaluations(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "eval/reward" in r]
+
+
 def test_sync_on_sub_meshes_equals_colocated_sync(tmp_path):
-    colocated = _run(tmp_path, "colocated")
-    split = _run(tmp_path, "split", **{"rl.rollout_devices": 4})
+    colocated = _run(tmp_path, "colocated", **EVAL)
+    split = _run(tmp_path, "split", **{"rl.rollout_devices": 4}, **EVAL)
+    evals = _evaluations(str(tmp_path / "colocated"))
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    assert evals == _evaluations(str(tmp_path / "split"))
     assert len(split["records"]) == len(colocated["records"]) == 3
     for a, b in zip(colocated["records"], split["records"]):
         for key in ("batch_digest", "reward", "kept_groups", "policy_version"):
@@ -71,6 +90,27 @@ def test_sync_on_sub_meshes_equals_colocated_sync(tmp_path):
     for a, b in zip(jax.tree.leaves(colocated["state"].params),
                     jax.tree.leaves(split["state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    # The evaluation's figures: per level over 3 prompts of reward 0 / 1, their mean; the
+    # last is evaluate() on the saved final weights (greedy: the same completions).
+    for r in evals:
+        per_level = [r["eval/reward/add1"], r["eval/reward/add2"]]
+        assert r["eval/reward"] == np.mean(per_level)
+        assert all(x in (0, 1 / 3, 2 / 3, 1) for x in per_level)
+    cfg = _config(**EVAL)
+    tokenizer = load_chat_tokenizer(None)
+    prompts = evaluation.held_out_prompts(("add1", "add2"), 3, seed=cfg.rl.seed,
+                                          thinking=False, tokenizer=tokenizer)
+    again = evaluation.evaluate(
+        load_checkpoint(str(tmp_path / "colocated")), prompts, reward_fn=parity_reward,
+        rollout_fn=rollout, tokenizer=tokenizer, max_new_tokens=cfg.rl.max_new_tokens,
+        eos_ids=levels.stop_ids(tokenizer), pad_id=tokenizer.pad_id)
+    assert {f"eval/{k}": v for k, v in again.items()} == {
+        k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    # Fixed prompts, none of them a training round's (those draw with step, round >= 0).
+    trained = levels.draw_prompts("add1", 3, seed=cfg.rl.seed, step=0, round_=0,
+                                  thinking=False, tokenizer=tokenizer)
+    assert [p.ids for p in prompts["add1"]] != [p.ids for p in trained]
 
 
 def test_weight_sync_every_k_steps_lags_the_rollout(tmp_path):

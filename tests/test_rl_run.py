@@ -111,7 +111,7 @@ FLAGS = {**{k: v for k, v in OVERRIDES.items() if k.startswith("model.")},
          "rl.levels": "add1,add2", "rl.prompts_per_step": 2, "rl.samples_per_prompt": 4,
          "rl.max_new_tokens": 8, "rl.over_sampling_prompts": 2, "rl.max_extra_prompts": 2,
          "rl.temperature_patience": 1, "rl.temperature_step": 0.02, "rl.max_temperature": 2.0,
-         "rl.eval_every": 0}  # the held-out evaluation: tests/test_rl_evaluation.py
+         "rl.eval_every": 0}  # the held-out evaluation: tests/test_rl_async.py
 
 
 def _env(cache: str) -> dict:
