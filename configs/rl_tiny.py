@@ -49,11 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
         samples_per_prompt=8,  # G (slime: n_samples_per_prompt)
         max_new_tokens=32,  # non-thinking answers: ~20 tokens
         speculative="none",  # or "mtp"
-        # Held-out evaluation (glm_jax.rl.evaluation): greedy completions of eval_prompts
-        # fixed prompts per level, at the start, every eval_every steps and at the end
-        # (0 = off); metrics eval/reward/<level>.
+        # Held-out evaluation (glm_jax.rl.evaluation): eval_prompts fixed prompts per level
+        # answered greedily (eval/reward/<level>) and eval_samples times at eval_temperature
+        # (eval/sampled_reward/<level>; 0 = greedy only), at the start, every eval_every
+        # steps and at the end (0 = off).
         eval_every=10,
         eval_prompts=32,
+        eval_samples=4,
+        eval_temperature=1.0,
         # The rollout's weights: "model" (the trainer's, no copy), "float32", "bfloat16", or
         # "fp8" (e4m3 Linear weights, requantized at every update; glm_jax.rl.rollout_weights)
         rollout_dtype="model",

@@ -63,7 +63,8 @@ def _run(tmp_path, name: str, **changes) -> dict:
                   reward_fn=parity_reward)
 
 
-EVAL = {"rl.eval_every": 2, "rl.eval_prompts": 3}  # evaluations at steps 0, 2 and 3
+# Evaluations at steps 0, 2 and 3: 3 prompts per level, greedy and 2 samples each.
+EVAL = {"rl.eval_every": 2, "rl.eval_prompts": 3, "rl.eval_samples": 2}
 
 
 def _evaluations(workdir: str) -> list[dict]:
@@ -91,12 +92,16 @@ def test_sync_on_sub_meshes_equals_colocated_sync(tmp_path):
                     jax.tree.leaves(split["state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
-    # The evaluation's figures: per level over 3 prompts of reward 0 / 1, their mean; the
-    # last is evaluate() on the saved final weights (greedy: the same completions).
+    # The evaluation's figures: per level over 3 prompts (x 2 samples) of reward 0 / 1, their
+    # mean; the last is evaluate() on the saved final weights (greedy, and sampling with the
+    # same seed: the same completions).
     for r in evals:
         per_level = [r["eval/reward/add1"], r["eval/reward/add2"]]
         assert r["eval/reward"] == np.mean(per_level)
         assert all(x in (0, 1 / 3, 2 / 3, 1) for x in per_level)
+        sampled = [r["eval/sampled_reward/add1"], r["eval/sampled_reward/add2"]]
+        assert r["eval/sampled_reward"] == np.mean(sampled)
+        assert all(6 * x == round(6 * x) for x in sampled)
     cfg = _config(**EVAL)
     tokenizer = load_chat_tokenizer(None)
     prompts = evaluation.held_out_prompts(("add1", "add2"), 3, seed=cfg.rl.seed,
@@ -104,7 +109,8 @@ def test_sync_on_sub_meshes_equals_colocated_sync(tmp_path):
     again = evaluation.evaluate(
         load_checkpoint(str(tmp_path / "colocated")), prompts, reward_fn=parity_reward,
         rollout_fn=rollout, tokenizer=tokenizer, max_new_tokens=cfg.rl.max_new_tokens,
-        eos_ids=levels.stop_ids(tokenizer), pad_id=tokenizer.pad_id)
+        eos_ids=levels.stop_ids(tokenizer), pad_id=tokenizer.pad_id,
+        samples=cfg.rl.eval_samples, temperature=cfg.rl.eval_temperature, seed=cfg.rl.seed)
     assert {f"eval/{k}": v for k, v in again.items()} == {
         k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     # Fixed prompts, none of them a training round's (those draw with step, round >= 0).

@@ -121,6 +121,10 @@ def check(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         fail("eval_every", "must be >= 0 (0 = no held-out evaluation)")
     if not isinstance(r.eval_prompts, int) or r.eval_prompts < 1:
         fail("eval_prompts", "must be a positive integer")
+    if not isinstance(r.eval_samples, int) or r.eval_samples < 0:
+        fail("eval_samples", "must be >= 0 (0 = greedy only)")
+    if not r.eval_temperature > 0:
+        fail("eval_temperature", "must be > 0 (the greedy evaluation always runs)")
     if r.chat_mode not in ("thinking", "non_thinking"):
         fail("chat_mode", "must be 'thinking' or 'non_thinking'")
     check_roles(r)
@@ -374,13 +378,16 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         m = evaluation.evaluate(trainer.model(state), held_out, reward_fn=reward_fn,
                                 rollout_fn=rollout, tokenizer=tokenizer,
                                 max_new_tokens=r.max_new_tokens, eos_ids=stops,
-                                pad_id=tokenizer.pad_id)
+                                pad_id=tokenizer.pad_id, samples=r.eval_samples,
+                                temperature=r.eval_temperature, seed=r.seed)
         writer.write(step, {f"eval/{k}": v for k, v in m.items()})
         evaluated.add(step)
         if lead:
+            sampled = (f"; sampled reward {m['sampled_reward']:.3f} ({r.eval_samples} per "
+                       f"prompt at T={r.eval_temperature})" if r.eval_samples else "")
             print(f"eval step {step}: held-out greedy reward {m['reward']:.3f} ("
                   + ", ".join(f"{n} {m[f'reward/{n}']:.3f}" for n in level_names)
-                  + f"; {r.eval_prompts} prompts per level)", flush=True)
+                  + f"; {r.eval_prompts} prompts per level){sampled}", flush=True)
 
     if held_out and rl.step == 0:
         run_evaluation(0)

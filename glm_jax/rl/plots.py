@@ -42,6 +42,11 @@ def plot_rl(workdir: str, level_names: Sequence[str]) -> str | None:
     if evals:
         reward.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "s-",
                     color="black", label="held-out, greedy (all levels)")
+        sampled = [(r["step"], r["eval/sampled_reward"]) for r in evals
+                   if "eval/sampled_reward" in r]
+        if sampled:
+            reward.plot(*zip(*sampled), "^-", color="dimgray",
+                        label="held-out, sampled at the eval temperature")
     reward.set_title("reward")
     for name in level_names:
         xs, ys = series(f"pass_rate/{name}")
