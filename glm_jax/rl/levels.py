@@ -3,8 +3,8 @@ their rendering into GLM-4.5 chat prompts.
 
 Levels, easiest first (the curriculum starts at the first one named in config.rl.levels):
 a level is a task of the SFT set (add, sub, mul, word) with an optional cap on its operands'
-digits (glm_jax.sft.tasks.make_problem's max_digits): `add1` is one-digit addition (the
-level the SFT demo model can reach), `add2` two-digit, `add` the SFT set's own range. The
+digits (glm_jax.sft.tasks.make_problem's max_digits): `add1` is one-digit addition, `add2`
+two-digit (the SFT demo's task), `add` the SFT set's own range. The
 calculator `tool` task is not a level: its episodes need a tool round between two
 generations, and this rollout is one generation per prompt.
 
