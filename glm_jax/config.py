@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # HF keys we model as fields, in the order HF writes them.
 _HF_FIELDS = (
@@ -176,10 +176,8 @@ class GlmConfig:
             fail("capacity_factor", "must be positive, or None for dropless")
         if self.attention_backend not in ("einsum", "dot_product_attention"):
             fail("attention_backend", "must be 'einsum' or 'dot_product_attention'")
-        if self.remat_policy not in ("none", "full", "dots", "dots_no_batch",
-                                     "save_qkv_residual", "save_kv_residual"):
-            fail("remat_policy", "must be one of none, full, dots, dots_no_batch, "
-                 "save_qkv_residual, save_kv_residual")
+        if self.remat_policy not in get_args(RematPolicy):
+            fail("remat_policy", "must be one of " + ", ".join(get_args(RematPolicy)))
 
     # ---------------------------------------------------------------- HF <-> us
     @classmethod

@@ -43,15 +43,9 @@ def _rewards(model, prompts: list[levels_mod.Prompt], samples: int, temperature:
     """[len(prompts) * samples] rewards of one batched rollout (samples rows per prompt)."""
     roll = rollout_fn(model, [p.ids for p in prompts], samples_per_prompt=samples,
                       temperature=temperature, seed=seed, record_routing=False, **kw)
-    examples, completions = [], []
-    for row in range(len(prompts) * samples):
-        prompt = prompts[row // samples]
-        begin = int(roll.prompt_lengths[row])
-        ids = roll.tokens[row, begin:begin + int(roll.completion_lengths[row])]
-        examples.append(prompt.example)
-        completions.append(levels_mod.completion_text(prompt, ids, tokenizer))
-    return np.array([r.reward for r in rewards_mod.score(reward_fn, examples, completions)],
-                    np.float64)
+    results = rewards_mod.score(reward_fn, *levels_mod.rollout_completions(
+        prompts, roll, samples, tokenizer))
+    return np.array([r.reward for r in results], np.float64)
 
 
 def evaluate(model, prompts: dict[str, list[levels_mod.Prompt]], *,

@@ -86,3 +86,17 @@ def completion_text(prompt: Prompt, completion_ids: Sequence[int],
     """What the reward reads: the assistant turn as the model wrote it after
     `<|assistant|>` (the prefilled part included)."""
     return prompt.prefill + tokenizer.decode(list(completion_ids))
+
+
+def rollout_completions(prompts: Sequence[Prompt], rollout, samples_per_prompt: int,
+                        tokenizer: ChatTokenizer) -> tuple[list[dict[str, Any]], list[str]]:
+    """(examples, completion texts) of a rollout of `prompts` with `samples_per_prompt` rows
+    per prompt, in row order: what the reward function is called on."""
+    examples, completions = [], []
+    for row in range(len(prompts) * samples_per_prompt):
+        prompt = prompts[row // samples_per_prompt]
+        begin = int(rollout.prompt_lengths[row])
+        ids = rollout.tokens[row, begin:begin + int(rollout.completion_lengths[row])]
+        examples.append(prompt.example)
+        completions.append(completion_text(prompt, ids, tokenizer))
+    return examples, completions

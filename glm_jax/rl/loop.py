@@ -290,14 +290,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             out = rollout_fn(model, [p.ids for p in prompts], policy_version=version, **kw)
         rollout_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        examples, completions = [], []
-        for row in range(len(prompts) * r.samples_per_prompt):
-            prompt = prompts[row // r.samples_per_prompt]
-            begin = int(out.prompt_lengths[row])
-            ids = out.tokens[row, begin:begin + int(out.completion_lengths[row])]
-            examples.append(prompt.example)
-            completions.append(levels_mod.completion_text(prompt, ids, tokenizer))
-        results = rewards_mod.score(reward_fn, examples, completions)
+        results = rewards_mod.score(reward_fn, *levels_mod.rollout_completions(
+            prompts, out, r.samples_per_prompt, tokenizer))
         return ScoredRound(out, prompts, results, rollout_seconds, time.perf_counter() - start)
 
     def make_batch(step: int):
@@ -309,7 +303,6 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     held_out = (evaluation.held_out_prompts(level_names, r.eval_prompts, seed=r.seed,
                                             thinking=r.chat_mode == "thinking",
                                             tokenizer=tokenizer) if r.eval_every else None)
-    evaluated: set[int] = set()
 
     def run_evaluation(step: int) -> None:  # the trainer's own weights, not the rollout copy
         from glm_jax.rl.rollout import rollout
@@ -320,7 +313,6 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                 pad_id=tokenizer.pad_id, samples=r.eval_samples,
                                 temperature=r.eval_temperature, seed=r.seed)
         writer.write(step, {f"eval/{k}": v for k, v in m.items()})
-        evaluated.add(step)
         if lead:
             sampled = (f"; sampled reward {m['sampled_reward']:.3f} ({r.eval_samples} per "
                        f"prompt at T={r.eval_temperature})" if r.eval_samples else "")
@@ -456,7 +448,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             checkpoint.save(manager, rl.step, state, None, config_json, force=True,
                             extra=rl.to_dict())
         manager.wait_until_finished()
-    if held_out and not stopped_by and rl.step == t.steps and rl.step not in evaluated:
+    # The last step, unless the loop's every-k evaluation has just run on it.
+    if held_out and not stopped_by and rl.step == t.steps and rl.step % r.eval_every:
         run_evaluation(rl.step)
     manager.close()
     writer.close()
