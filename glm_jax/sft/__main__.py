@@ -21,9 +21,15 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 def _main(argv):
     from glm_jax.sft.train import prepare, run_sft
 
+    from glm_jax.train import run_config
+
     cfg, workdir = cli.section_command(argv, PROG, "sft")
-    prepared = report_user_errors(PROG, lambda: prepare(cfg), also=(ValueError,
-                                                                      FileNotFoundError))
+
+    def checked():  # init_from and the resumed run first: they cost JSON reads, the data more
+        run_config.resolve(cfg, workdir, cli.overrides())
+        return prepare(cfg)
+
+    prepared = report_user_errors(PROG, checked, also=(ValueError, FileNotFoundError))
     report_user_errors(PROG, lambda: run_sft(cfg, workdir, prepared=prepared,
                                              overrides=cli.overrides()))
 
