@@ -42,10 +42,14 @@ PRETRAIN_STEPS = 2000  # a 200-step base does not copy from its context (docs/be
 
 
 def run(args: list[str]) -> tuple[str, float]:
-    """Runs `python args...` in the repository; returns (the command as shown, wall seconds)."""
+    """Runs `python args...` in the repository; returns (the command as shown, wall seconds).
+    A failed stage ends the benchmark with its exit code (the stage printed why)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    return "python " + " ".join(args), time.perf_counter() - start
+    shown = "python " + " ".join(args)
+    code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+    if code:
+        sys.exit(f"bench.post_training: stopped: `{shown}` exited with {code}")
+    return shown, time.perf_counter() - start
 
 
 def evaluations(workdir: str, key: str) -> list[dict]:
@@ -65,6 +69,15 @@ def main() -> None:
     p.add_argument("--min-rl-gain", type=float, default=0.03)
     p.add_argument("--no-docs", action="store_true", help="print only; do not append")
     args = p.parse_args()
+    from glm_jax.rl.levels import parse_levels
+
+    try:
+        parse_levels(args.rl_level)
+    except ValueError as e:
+        p.error(f"--rl-level: {e}")
+    if args.base and not os.path.isdir(args.base):
+        p.error(f"--base {args.base}: no such folder (a train.py workdir of configs/tiny.py; "
+                "leave --base out to pretrain one)")
     os.makedirs(args.workdir, exist_ok=True)
     commands, walls = [], []
     base = args.base
